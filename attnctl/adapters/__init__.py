@@ -1,0 +1,36 @@
+"""Architecture adapters: where attention lives in each family. One file per family, one registry line each."""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .base import KINDS, Adapter, Site, TextSegment
+from .flux import FluxAdapter
+from .sd3 import SD3Adapter
+from .unet import SDXLAdapter, UNetAdapter
+
+# Registry: checked in order; the first adapter whose ``matches`` accepts the pipeline wins.
+ADAPTERS: dict[str, type[Adapter]] = {
+    "sdxl": SDXLAdapter,
+    "sd15": UNetAdapter,
+    "sd3": SD3Adapter,
+    "flux": FluxAdapter,
+}
+
+FAMILY_NAMES = {
+    "sd15": "Stable Diffusion 1.x/2.x (UNet)",
+    "sdxl": "Stable Diffusion XL (UNet)",
+    "sd3": "Stable Diffusion 3 / 3.5 (MM-DiT)",
+    "flux": "FLUX (MM-DiT)",
+}
+
+
+def adapter_for(pipe) -> Adapter:
+    """The adapter for a loaded pipeline; ``ModelError`` naming the supported families otherwise."""
+    for cls in ADAPTERS.values():
+        if cls.matches(pipe):
+            return cls()
+    supported = "; ".join(FAMILY_NAMES.values())
+    raise ModelError(f"{type(pipe).__name__} is not a supported pipeline. attnctl supports: {supported}")
+
+
+__all__ = ["ADAPTERS", "FAMILY_NAMES", "KINDS", "Adapter", "Site", "TextSegment", "adapter_for"]

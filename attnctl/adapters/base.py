@@ -1,0 +1,105 @@
+"""What every architecture adapter provides, and the description of one attention layer.
+
+An adapter says *where* attention lives in a family (which modules, which processor classes it understands,
+where text and image tokens sit in each call, how the batch is laid out); controls say *what* to do and never
+branch on the family. Adding a family is one file in this folder plus one registry line in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelError
+
+KINDS = ("self", "cross", "joint", "single")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module of a denoiser.
+
+    ``kind``: ``self`` (image tokens attend to image tokens), ``cross`` (image queries, text keys: UNet attn2),
+    ``joint`` (MM-DiT double-stream block: one sequence of image and text tokens, separate projections),
+    ``single`` (FLUX single-stream block: the joined sequence through shared projections).
+    """
+
+    name: str
+    kind: str
+    heads: int
+    head_dim: int
+    index: int
+
+    @property
+    def has_text(self) -> bool:
+        return self.kind != "self"
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """Text-encoder tokens that appear in the attention's text span, starting at ``offset`` within it."""
+
+    tokenizer: object
+    offset: int
+    max_length: int
+
+
+class Adapter:
+    """Base class: one subclass per family (``unet``: SD1.x/2.x and SDXL, ``sd3``, ``flux``)."""
+
+    family: str = ""
+    denoiser_attr: str = ""
+    latent_arg: str = ""
+    text_arg: str = "encoder_hidden_states"
+    unbatched_args: frozenset[str] = frozenset()
+    timestep_scale: float = 1.0  # the pipeline passes timestep / scale to the denoiser (FLUX: t / 1000)
+    processor_classes: frozenset[str] = frozenset()
+
+    # -- discovery -------------------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        raise NotImplementedError
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_attr)
+
+    def sites(self, denoiser: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
+        raise NotImplementedError
+
+    def make_processor(self, site: Site, session, original):
+        raise NotImplementedError
+
+    # -- per denoiser call ---------------------------------------------------------------------------------
+    def latent_hw(self, params: dict) -> tuple[int, int]:
+        """Height and width of the latent grid the denoiser sees (in its own tokens/pixels)."""
+        raise NotImplementedError
+
+    def image_grid(self, latent_hw: tuple[int, int], n_image_tokens: int) -> tuple[int, int]:
+        """(h, w) of the image tokens at a layer with ``n_image_tokens`` tokens, for any aspect ratio."""
+        height, width = latent_hw
+        factor = 1
+        while factor <= 64:
+            h, w = math.ceil(height / factor), math.ceil(width / factor)
+            if h * w == n_image_tokens:
+                return h, w
+            factor *= 2
+        raise ModelError(
+            f"cannot place {n_image_tokens} image tokens on a grid for latents of {height}x{width} ({self.family})"
+        )
+
+    def text_segments(self, pipe) -> list[TextSegment]:
+        raise NotImplementedError
+
+    def default_branch(self, session, n_rows: int) -> list[str]:
+        """Branch name of each row when no control added rows: CFG pipelines put uncond rows first."""
+        cfg = False
+        try:
+            cfg = bool(session.pipe.do_classifier_free_guidance)
+        except Exception:  # a bare denoiser call outside a pipeline: every row is conditional
+            cfg = False
+        if cfg and n_rows % 2 == 0:
+            half = n_rows // 2
+            return ["uncond"] * half + ["cond"] * half
+        return ["cond"] * n_rows

@@ -1,0 +1,120 @@
+"""SD3 / SD3.5 MM-DiT. Joint attention runs on [image; text]; SD3.5's dual blocks add image-only ``attn2``."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import Adapter, Site, TextSegment
+from .processor import AttnctlProcessor
+
+
+class SD3Processor(AttnctlProcessor):
+    """diffusers' ``JointAttnProcessor2_0`` with the control hook. Unlike it, an ``attention_mask`` is honoured
+    (as an additive bias / boolean mask over the joint sequence) instead of silently dropped."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_image = query.shape[2]
+        text = None
+        if encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch_cat(query, eq)
+            key = torch_cat(key, ek)
+            value = torch_cat(value, ev)
+            text = slice(n_image, query.shape[2])
+
+        call = self.session.attention_call(self.site, query, key, value, text=text, image=slice(0, n_image),
+                                           bias=attention_mask)
+        if call is None and attention_mask is None:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        elif call is None:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=0.0, is_causal=False)
+        else:
+            hidden_states = call.compute()
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def torch_cat(a, b):
+    import torch
+
+    return torch.cat([a, b], dim=2)
+
+
+class SD3Adapter(Adapter):
+    family = "sd3"
+    denoiser_attr = "transformer"
+    latent_arg = "hidden_states"
+    processor_classes = frozenset({"JointAttnProcessor2_0"})
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
+
+    def sites(self, denoiser):
+        from diffusers.models.attention_processor import Attention
+
+        found = []
+        for name, module in denoiser.named_modules():
+            if isinstance(module, Attention):
+                kind = "joint" if getattr(module, "add_k_proj", None) is not None else "self"
+                head_dim = module.to_q.out_features // module.heads
+                found.append((Site(name, kind, module.heads, head_dim, len(found)), module))
+        return found
+
+    def make_processor(self, site, session, original):
+        return SD3Processor(site, session, original)
+
+    def latent_hw(self, params):
+        hidden = params["hidden_states"]
+        patch = self._patch
+        return int(hidden.shape[-2]) // patch, int(hidden.shape[-1]) // patch
+
+    _patch = 1
+
+    def denoiser(self, pipe):
+        transformer = pipe.transformer
+        self._patch = int(transformer.config.patch_size)
+        return transformer
+
+    def text_segments(self, pipe):
+        # prompt_embeds = [CLIP-L ++ CLIP-G (channel-concatenated, 77 tokens); T5 tokens]
+        clip = pipe.tokenizer
+        segments = [TextSegment(clip, 0, clip.model_max_length)]
+        if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
+            segments.append(TextSegment(pipe.tokenizer_3, clip.model_max_length, None))
+        return segments

@@ -1,0 +1,55 @@
+"""``attnctl`` command line: thin verbs over the library, one module per verb.
+
+Registry: a verb is one module in this package plus one line in ``VERBS``. Each verb module defines ``HELP``,
+``add_arguments(parser)`` and ``main(args) -> int`` and imports heavy libraries only inside ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "layers": "attnctl.cli.layers",
+    "bench": "attnctl.cli.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnctl",
+        description="Attention control for diffusers pipelines (SD1.5, SDXL, SD3, FLUX).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, module_name in VERBS.items():
+        module = importlib.import_module(module_name)
+        verb_parser = sub.add_parser(verb, help=module.HELP, description=module.HELP)
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    from ..errors import AttnctlError
+
+    try:
+        return int(args._module.main(args) or 0)
+    except AttnctlError as exc:
+        if args.debug:
+            raise
+        print(f"attnctl {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attnctl {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""``attnctl bench NAME``: benchmarks that print a table and write JSON. They never assert on time."""
+
+from __future__ import annotations
+
+HELP = "run a benchmark (overhead, ...) and print a table; --json PATH writes the rows"
+
+
+def add_arguments(parser) -> None:
+    from ..bench import BENCHES
+
+    parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON to this path")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median, min, max)")
+    parser.add_argument("--families", default=None, help="comma-separated families (default: all tiny ones)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run, not a measure")
+
+
+def main(args) -> int:
+    from ..bench import run_bench
+
+    run_bench(args.name, json_path=args.json_path, repeats=args.repeats,
+              families=args.families.split(",") if args.families else None, quick=args.quick)
+    return 0

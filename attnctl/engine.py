@@ -1,0 +1,556 @@
+"""The engine: installs processors and wrappers on a pipeline, and runs the control protocol.
+
+``apply(pipe, controls)`` is a context manager. On entry it checks every attention module's processor (an
+unknown class, e.g. IP-Adapter's, is an error naming it; a second ``apply`` on the same modules is an error),
+binds the controls (selectors resolve, bad options raise) and only then changes anything: our processors on
+every attention module, and thin instance-level wrappers around the denoiser's ``forward`` (batch layout,
+step clock, extra branches, latent updates), ``scheduler.step`` (latent updates reach the pipeline's own
+latents), ``encode_prompt`` (which prompt each sample has; a new pipeline call starts) and, where the model
+has one, ``cache_context`` (FLUX's separate uncond call). On exit, including on exceptions, everything is put
+back exactly as it was.
+
+Per-call state lives in the ``Session`` (one per ``apply``) and in ``Frame`` (one per denoiser call); nothing
+is global, so two pipelines in one process do not interfere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .adapters import adapter_for
+from .adapters.base import Site
+from .attention import AttentionRequest, attend, key_probabilities
+from .controls.base import Control
+from .errors import ControlError, ProcessorError
+from .tokens import find_phrase
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where sampling is. ``progress`` = index / total over the scheduler's distinct timesteps (0 = first step)."""
+
+    index: int
+    total: int
+    progress: float
+    timestep: float
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What each row of a denoiser batch is: its branch (``uncond``, ``cond``, or an extra branch such as
+    ``perturb``) and its sample (the index of the image being generated, prompt-major as pipelines order them)."""
+
+    branches: tuple[str, ...]
+    samples: tuple[int, ...]
+
+    def rows(self, branch: str) -> list[int]:
+        return [i for i, b in enumerate(self.branches) if b == branch]
+
+    def has(self, branch: str) -> bool:
+        return branch in self.branches
+
+    @property
+    def n_samples(self) -> int:
+        return max(self.samples) + 1 if self.samples else 0
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+
+@dataclass
+class Frame:
+    """One denoiser call: its step, its batch layout and the geometry every attention call shares."""
+
+    step: StepInfo
+    layout: BatchLayout
+    latent_hw: tuple[int, int] | None
+    text_len: int | None
+    params: dict = field(repr=False, default_factory=dict)
+
+
+class AttentionCall:
+    """One attention computation, described for controls. q/k/v: (B, H, S, D).
+
+    ``text``: the text tokens' span in the key sequence (None for self-attention); ``image``: the image tokens'
+    span in the query sequence; ``grid``: (h, w) of the image tokens. Controls edit the call through
+    ``add_bias``, ``perturb``, ``capture``, ``then`` or by replacing ``q``/``k``/``v``; ``heads`` holds the
+    heads the current control selected at this site (None = all).
+    """
+
+    def __init__(self, session: Session, site: Site, q, k, v, text: slice | None, image: slice, bias=None):
+        self.session = session
+        self.site = site
+        self.frame: Frame = session.frame
+        self.q, self.k, self.v = q, k, v
+        self.text = text
+        self.image = image
+        self.bias = bias
+        self.u: torch.Tensor | None = None
+        self.mode = "full"
+        self.heads: tuple[int, ...] | None = None
+        self._captures: list[tuple[torch.Tensor, Any]] = []
+        self._then: list[Any] = []
+
+    @property
+    def layout(self) -> BatchLayout:
+        return self.frame.layout
+
+    @property
+    def step(self) -> StepInfo:
+        return self.frame.step
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n_image = self.image.stop - self.image.start
+        return self.session.adapter.image_grid(self.frame.latent_hw, n_image)
+
+    def text_positions(self, sample: int, phrase: str) -> list[int]:
+        """Positions of ``phrase`` of this sample's prompt in the key sequence (offset by the text span)."""
+        if self.text is None:
+            raise ControlError(f"{self.site.name} is self-attention: it has no text tokens")
+        return [self.text.start + p for p in self.session.text_positions(sample, phrase)]
+
+    def add_bias(self, bias: torch.Tensor) -> None:
+        """Add to the pre-softmax scores; ``bias`` broadcasts to (B, H, Sq, Sk) (a (Sk,) bias is per key)."""
+        while bias.ndim < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.to(self.q.dtype)
+        self.bias = bias if self.bias is None else self.bias + bias
+
+    def perturb(self, u: torch.Tensor, mode: str = "full") -> None:
+        """Move each (row, head) map towards identity by ``u`` (B, H) in [0, 1]. Strengths from several controls
+        combine by maximum."""
+        self.u = u if self.u is None else torch.maximum(self.u, u)
+        self.mode = mode
+
+    def capture(self, positions: list[int], fn) -> None:
+        """After attention, call ``fn(probs)`` with probabilities (B, H, Sq, len(positions)) for those keys."""
+        self._captures.append((torch.as_tensor(positions, dtype=torch.long), fn))
+
+    def then(self, fn) -> None:
+        """Call ``fn(out) -> out`` on the attention output (B, H, Sq, D)."""
+        self._then.append(fn)
+
+    def compute(self) -> torch.Tensor:
+        for positions, fn in self._captures:
+            fn(key_probabilities(self.q, self.k, positions, bias=self.bias))
+        out = attend(AttentionRequest(self.q, self.k, self.v, bias=self.bias, u=self.u, mode=self.mode,
+                                      text=self.text), backend=self.session.backend)
+        for fn in self._then:
+            out = fn(out)
+        return out
+
+
+class LatentUpdate:
+    """What a latent-updating control sees at one step (protocol kind 3).
+
+    ``z``: (n_samples, ...) latents of the conditional rows in the scheduler's space (what ``scheduler.step``
+    receives). ``denoise(z)`` runs the denoiser on the conditional rows with gradients (attention hooks fire,
+    ``frame.layout`` is cond-only) and returns the noise prediction.
+    """
+
+    def __init__(self, session: Session, params: dict, rows: list[int], scale: float, z: torch.Tensor,
+                 frame: Frame):
+        self.session, self.params, self.rows, self.scale, self.frame = session, params, rows, scale, frame
+        self.z = z
+
+    @property
+    def step(self) -> StepInfo:
+        return self.frame.step
+
+    def denoise(self, z: torch.Tensor) -> torch.Tensor:
+        session = self.session
+        params = take_rows(self.params, self.rows, len(self.frame.layout), session.adapter.unbatched_args)
+        params[session.adapter.latent_arg] = z * self.scale
+        samples = tuple(self.frame.layout.samples[r] for r in self.rows)
+        frame = replace(self.frame, layout=BatchLayout(("cond",) * len(self.rows), samples), params=params)
+        previous, session.frame = session.frame, frame
+        try:
+            with torch.enable_grad():
+                return get_sample(session.forward_original(**params))
+        finally:
+            session.frame = previous
+
+
+def take_rows(value, rows: list[int], n: int, skip: Iterable[str] = (), _key: str | None = None):
+    """Index every batch-major tensor (first dim ``n``) in a nested dict/list by ``rows``; leave the rest."""
+    if _key is not None and _key in skip:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0 and value.shape[0] == n:
+            return value[rows]
+        return value
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, n, skip, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(take_rows(v, rows, n, skip) for v in value)
+    return value
+
+
+def get_sample(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+def with_sample(out, sample: torch.Tensor):
+    if isinstance(out, torch.Tensor):
+        return sample
+    if isinstance(out, tuple):
+        return (sample,) + tuple(out[1:])
+    if isinstance(out, list):
+        return [sample] + list(out[1:])
+    out.sample = sample
+    return out
+
+
+class Session:
+    """The state of one ``apply``: the pipeline, its adapter and sites, the controls and the current call."""
+
+    def __init__(self, pipe, controls: Iterable[Control] = (), *, backend: str | None = None):
+        self.pipe = pipe
+        self.adapter = adapter_for(pipe)
+        self.family = self.adapter.family
+        self.denoiser = self.adapter.denoiser(pipe)
+        self.site_modules = self.adapter.sites(self.denoiser)
+        self.sites = [site for site, _ in self.site_modules]
+        self.controls = list(controls)
+        self.backend = backend
+        self.hooks: dict[str, list[tuple[Control, tuple[int, ...] | None]]] = {}
+        self.frame: Frame | None = None
+        self.runs: list[dict] = []
+        self.attention_calls = 0
+        self.prompts: list[str] | None = None
+        self.images_per_prompt = 1
+        self._branch_name: str | None = None
+        self._call_open = False
+        self._denoised_in_call = False
+        self._pending: tuple[int, torch.Tensor, float] | None = None
+        self._clock_key = None
+        self._clock: torch.Tensor | None = None
+        self._token_cache: dict[tuple[str, str], list[int]] = {}
+        self._undo: list[Any] = []
+        self._call_started_at = 0.0
+        self.forward_original = self.denoiser.forward
+
+    # -- install / uninstall ---------------------------------------------------------------------------
+    def install(self) -> None:
+        if getattr(self.denoiser, "_attnctl_session", None) is not None:
+            raise ProcessorError(
+                "attnctl.apply is already active on this pipeline's denoiser (pipelines made with from_pipe share "
+                "modules); leave the other `with attnctl.apply(...)` block first"
+            )
+        from .adapters.base import Adapter  # noqa: F401  (keeps the import graph one-directional)
+
+        for site, module in self.site_modules:
+            processor = module.processor
+            name = type(processor).__name__
+            if getattr(processor, "_attnctl", False):
+                raise ProcessorError(f"{site.name} already has an attnctl processor: another apply is active")
+            if name not in self.adapter.processor_classes:
+                raise ProcessorError(
+                    f"{site.name} uses the attention processor {name}, which attnctl does not understand for the "
+                    f"{self.family} family (it understands {', '.join(sorted(self.adapter.processor_classes))}). "
+                    "Remove it first (e.g. pipe.unload_ip_adapter(), or set the default processors) and retry."
+                )
+        for control in self.controls:
+            if self.family not in control.families:
+                raise ControlError(f"control {control.name!r} does not support the {self.family} family "
+                                   f"(it supports {', '.join(control.families)})")
+            for site_name, heads in control.bind(self).items():
+                self.hooks.setdefault(site_name, []).append((control, heads))
+        try:
+            self._install()
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _set_attr(self, obj, name: str, value) -> None:
+        previous = obj.__dict__.get(name, _MISSING)
+        setattr(obj, name, value)
+
+        def undo():
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, previous)
+
+        self._undo.append(undo)
+
+    def _install(self) -> None:
+        self._set_attr(self.denoiser, "_attnctl_session", self)
+        for site, module in self.site_modules:
+            original = module.processor
+            module.set_processor(self.adapter.make_processor(site, self, original))
+            self._undo.append(lambda module=module, original=original: module.set_processor(original))
+        self._set_attr(self.denoiser, "forward", self._forward)
+        self._forward_signature = inspect.signature(self.forward_original)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "step"):
+            self._scheduler_step = scheduler.step
+            self._set_attr(scheduler, "step", self._step)
+        if hasattr(self.pipe, "encode_prompt"):
+            self._encode_prompt = self.pipe.encode_prompt
+            self._encode_signature = inspect.signature(self._encode_prompt)
+            self._set_attr(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
+        if hasattr(self.pipe, "maybe_free_model_hooks"):
+            self._free_hooks = self.pipe.maybe_free_model_hooks
+            self._set_attr(self.pipe, "maybe_free_model_hooks", self._wrapped_free_hooks)
+        if hasattr(self.denoiser, "cache_context"):
+            self._cache_context = self.denoiser.cache_context
+            self._set_attr(self.denoiser, "cache_context", self._wrapped_cache_context)
+
+    def uninstall(self) -> None:
+        if self._call_open:
+            self._end_call()
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as exc:  # keep restoring the rest
+                errors.append(exc)
+        self.frame = None
+        if errors:
+            raise ProcessorError(f"restoring the pipeline failed: {errors[0]}")
+
+    # -- pipeline-call boundaries ------------------------------------------------------------------------
+    def _start_call(self, prompt, images_per_prompt) -> None:
+        if self._call_open:
+            self._end_call()
+        if isinstance(prompt, str):
+            self.prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+            self.prompts = list(prompt)
+        else:
+            self.prompts = None
+        self.images_per_prompt = int(images_per_prompt or 1)
+        self._token_cache.clear()
+        self._pending = None
+        self._branch_name = None
+        self._call_open, self._denoised_in_call = True, False
+        self._call_started_at = time.perf_counter()
+        for control in self.controls:
+            control.on_call_start(self)
+
+    def _end_call(self) -> None:
+        self._call_open = False
+        record = {"seconds": time.perf_counter() - self._call_started_at, "controls": {}}
+        for control in self.controls:
+            diagnostics = control.on_call_end(self)
+            if diagnostics:
+                record["controls"][control.name] = diagnostics
+        self.runs.append(record)
+
+    def _wrapped_encode_prompt(self, *args, **kwargs):
+        arguments = self._encode_signature.bind_partial(*args, **kwargs).arguments
+        if not self._call_open or self._denoised_in_call:
+            self._start_call(arguments.get("prompt"), arguments.get("num_images_per_prompt", 1))
+        return self._encode_prompt(*args, **kwargs)
+
+    def _wrapped_free_hooks(self, *args, **kwargs):
+        if self._call_open:
+            self._end_call()
+        return self._free_hooks(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _wrapped_cache_context(self, name, *args, **kwargs):
+        previous, self._branch_name = self._branch_name, name
+        try:
+            with self._cache_context(name, *args, **kwargs):
+                yield
+        finally:
+            self._branch_name = previous
+
+    def last_run(self) -> dict:
+        """Diagnostics of the most recent pipeline call (closes it if the pipeline did not)."""
+        if self._call_open:
+            self._end_call()
+        return self.runs[-1] if self.runs else {}
+
+    # -- prompts and tokens ------------------------------------------------------------------------------
+    def prompt_of(self, sample: int) -> str:
+        if not self.prompts:
+            raise ControlError("this control needs the prompt text: call the pipeline with prompt strings "
+                               "(not only prompt_embeds)")
+        return self.prompts[min(sample // self.images_per_prompt, len(self.prompts) - 1)]
+
+    def text_positions(self, sample: int, phrase: str) -> list[int]:
+        """Positions of ``phrase`` in the text span of the attention calls, for ``sample``'s prompt."""
+        prompt = self.prompt_of(sample)
+        key = (prompt, phrase)
+        if key not in self._token_cache:
+            positions: list[int] = []
+            for segment in self.adapter.text_segments(self.pipe):
+                positions += [segment.offset + p for p in find_phrase(segment.tokenizer, prompt, phrase,
+                                                                       segment.max_length)]
+            self._token_cache[key] = positions
+        return self._token_cache[key]
+
+    # -- the denoiser wrapper ----------------------------------------------------------------------------
+    def step_info(self, timestep) -> StepInfo:
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        t *= self.adapter.timestep_scale
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            return StepInfo(0, 1, 0.0, t)
+        key = (id(timesteps), len(timesteps))
+        if key != self._clock_key:
+            values = torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
+            distinct = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]  # Heun repeats steps
+            self._clock_key, self._clock = key, torch.tensor(distinct, dtype=torch.float64)
+        index = int(torch.argmin((self._clock - t).abs()))
+        total = len(self._clock)
+        return StepInfo(index, total, index / total, t)
+
+    def _input_scale(self, timestep) -> float:
+        """The factor ``scheduler.scale_model_input`` applies at this step (1 for most schedulers)."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "scale_model_input"):
+            return 1.0
+        one = torch.ones(1, dtype=torch.float64)
+        t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) and timestep.ndim else timestep
+        return float(scheduler.scale_model_input(one, t).flatten()[0])
+
+    def _forward(self, *args, **kwargs):
+        params = dict(self._forward_signature.bind(*args, **kwargs).arguments)
+        extra = params.pop("kwargs", None)
+        if isinstance(extra, dict):
+            params.update(extra)
+        adapter = self.adapter
+        x = params[adapter.latent_arg]
+        n = x.shape[0]
+        step = self.step_info(params.get("timestep", 0))
+        branches = adapter.default_branch(self, n)
+        counts: dict[str, int] = {}
+        samples = []
+        for b in branches:
+            samples.append(counts.get(b, 0))
+            counts[b] = counts.get(b, 0) + 1
+        layout = BatchLayout(tuple(branches), tuple(samples))
+        text = params.get(adapter.text_arg)
+        frame = Frame(step, layout, adapter.latent_hw(params), text.shape[1] if text is not None else None, params)
+        self._denoised_in_call = True
+
+        # Protocol kind 3: latent updates, once per step, before the step's first denoiser call.
+        if self._pending is not None and self._pending[0] == step.index:
+            _, delta, scale = self._pending  # a later call at the same step (FLUX's separate uncond call)
+            params[adapter.latent_arg] = x + scale * delta[list(layout.samples)].to(x.dtype)
+        elif layout.has("cond"):
+            updaters = [c for c in self.controls if c.wants_latent_update(step)]
+            if updaters:
+                params[adapter.latent_arg] = self._update_latents(params, frame, updaters)
+
+        # Protocol kind 2: extra branches as extra rows copied from the cond rows, one batched call.
+        names: list[str] = []
+        guides = []
+        if layout.has("cond"):
+            for control in self.controls:
+                wanted = control.branches(step)
+                if wanted:
+                    guides.append(control)
+                    names += [b for b in wanted if b not in names]
+        if names:
+            cond = layout.rows("cond")
+            rows = list(range(n)) + cond * len(names)
+            params = take_rows(params, rows, n, adapter.unbatched_args)
+            branches = list(layout.branches) + [b for b in names for _ in cond]
+            samples = list(layout.samples) + [layout.samples[r] for _ in names for r in cond]
+            frame = replace(frame, layout=BatchLayout(tuple(branches), tuple(samples)), params=params)
+
+        previous, self.frame = self.frame, frame
+        try:
+            out = self.forward_original(**params)
+        finally:
+            self.frame = previous
+        if not names:
+            return out
+        sample = get_sample(out)
+        cond = layout.rows("cond")
+        preds = {"cond": sample[cond]}
+        for j, name in enumerate(names):
+            preds[name] = sample[n + j * len(cond) : n + (j + 1) * len(cond)]
+        delta = None
+        for control in guides:
+            d = control.guidance(step, preds)
+            if d is not None:
+                delta = d if delta is None else delta + d
+        base = sample[:n]
+        if delta is not None:
+            # The pipeline's CFG computes uncond + w (cond - uncond): adding delta / w to cond adds delta to eps.
+            w = float(getattr(self.pipe, "guidance_scale", 1.0)) if layout.has("uncond") else 1.0
+            base = base.clone()
+            base[cond] = base[cond] + delta.to(base.dtype) / w
+        return with_sample(out, base)
+
+    def _update_latents(self, params: dict, frame: Frame, updaters: list[Control]) -> torch.Tensor:
+        x = params[self.adapter.latent_arg]
+        cond = frame.layout.rows("cond")
+        scale = self._input_scale(params.get("timestep", 0))
+        z = (x[cond] / scale).detach()
+        update = LatentUpdate(self, params, cond, scale, z, frame)
+        delta = torch.zeros_like(z)
+        for control in updaters:
+            with torch.enable_grad():  # pipelines run under no_grad; a control's loss needs its graph
+                change = control.update_latents(update)
+            if change is not None:
+                delta = delta + change.detach()
+                update.z = z + delta
+        self._pending = (frame.step.index, delta, scale)
+        return x + scale * delta[list(frame.layout.samples)].to(x.dtype)
+
+    def _step(self, *args, **kwargs):
+        if self._pending is not None:
+            delta = self._pending[1]
+            self._pending = None
+            if "sample" in kwargs:
+                if kwargs["sample"].shape[0] == delta.shape[0]:
+                    kwargs["sample"] = kwargs["sample"] + delta.to(kwargs["sample"].dtype)
+            elif len(args) >= 3 and args[2].shape[0] == delta.shape[0]:
+                args = args[:2] + (args[2] + delta.to(args[2].dtype),) + args[3:]
+        return self._scheduler_step(*args, **kwargs)
+
+    # -- called by processors ------------------------------------------------------------------------
+    def attention_call(self, site: Site, q, k, v, *, text: slice | None, image: slice, bias=None):
+        """An ``AttentionCall`` after the site's controls edited it, or None when no control hooks this site."""
+        self.attention_calls += 1
+        hooks = self.hooks.get(site.name)
+        if not hooks or self.frame is None:
+            return None
+        call = AttentionCall(self, site, q, k, v, text, image, bias)
+        for control, heads in hooks:
+            call.heads = heads
+            control.on_attention(call)
+        call.heads = None
+        return call
+
+
+@contextlib.contextmanager
+def apply(pipe, controls: Control | Iterable[Control] = (), *, backend: str | None = None) -> Iterator[Session]:
+    """Run ``controls`` inside every call of ``pipe`` made in this block::
+
+        with attnctl.apply(pipe, [attnctl.controls.maps.Maps(words=["cat"])]) as session:
+            image = pipe("a cat").images[0]
+        session.last_run()  # per-call diagnostics
+
+    Works with the text-to-image and img2img pipelines of SD1.x/2.x, SDXL, SD3/3.5 and FLUX. Everything is
+    restored on exit, also when the block raises.
+    """
+    if isinstance(controls, Control):
+        controls = [controls]
+    session = Session(pipe, controls, backend=backend)
+    session.install()
+    try:
+        yield session
+    finally:
+        session.uninstall()

@@ -1,0 +1,308 @@
+"""The core engine: parity with stock diffusers, clean install/uninstall, and the four protocol kinds."""
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls.base import Control
+from attnctl.engine import apply
+from attnctl.errors import ProcessorError
+from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+
+PROMPTS = ["a red circle", "a blue square on the left"]
+
+
+class HookAll(Control):
+    """Hooks every site and changes nothing: forces the controlled attention path."""
+
+    name = "hook-all"
+
+    def bind(self, session):
+        return {site.name: None for site in session.sites}
+
+    def on_attention(self, call):
+        call.then(lambda out: out)
+
+
+class Boom(HookAll):
+    name = "boom"
+
+    def on_attention(self, call):
+        raise RuntimeError("boom")
+
+
+def _state(pipe):
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return {
+        "processors": {n: p for n, p in denoiser.attn_processors.items()},
+        "forward": denoiser.__dict__.get("forward"),
+        "step": pipe.scheduler.__dict__.get("step"),
+        "encode": pipe.__dict__.get("encode_prompt"),
+        "marker": getattr(denoiser, "_attnctl_session", None),
+    }
+
+
+def test_no_control_equals_stock_and_restores(pipe, call_kwargs):
+    before = _state(pipe)
+    reference = pipe(PROMPTS, **call_kwargs()).images
+    with apply(pipe):
+        plain = pipe(PROMPTS, **call_kwargs()).images
+    with apply(pipe, HookAll()):
+        hooked = pipe(PROMPTS, **call_kwargs()).images
+    after = pipe(PROMPTS, **call_kwargs()).images
+    assert (plain - reference).abs().max() <= 1e-5
+    assert (hooked - reference).abs().max() <= 1e-5
+    assert torch.equal(after, reference)
+    assert _state(pipe) == before
+
+
+def test_restored_after_exception(pipe, call_kwargs):
+    before = _state(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply(pipe, Boom()):
+            pipe(PROMPTS, **call_kwargs())
+    assert _state(pipe) == before
+    with apply(pipe) as session:  # usable again
+        pipe(PROMPTS, **call_kwargs())
+    assert session.attention_calls > 0
+
+
+def test_second_apply_on_shared_modules_is_an_error():
+    pipe = tiny_pipeline("sd15")
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    other = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # shares the UNet
+    with apply(pipe):
+        with pytest.raises(ProcessorError, match="already active"):
+            with apply(other):
+                pass
+    with apply(other):  # fine once the first one has left
+        pass
+
+
+def test_unknown_processor_is_named():
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    pipe = tiny_pipeline("sd15")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    pipe.unet.get_submodule(name).set_processor(AttnAddedKVProcessor())
+    before = _state(pipe)
+    with pytest.raises(ProcessorError, match=r"AttnAddedKVProcessor.*does not understand"):
+        with apply(pipe):
+            pass
+    assert _state(pipe) == before
+
+
+class Swap(Control):
+    """Protocol kind 1 toy: add a bias that hides every text token but the first from cross-attention."""
+
+    name = "swap"
+
+    def bind(self, session):
+        return {s.name: None for s in session.sites if s.has_text}
+
+    def on_attention(self, call):
+        bias = torch.zeros(call.k.shape[2], dtype=call.q.dtype)
+        bias[call.text.start + 1 : call.text.stop] = float("-inf")
+        call.add_bias(bias)
+
+
+def test_attention_edit_changes_output_and_not_other_pipelines(family):
+    pipe, bystander = tiny_pipeline(family), tiny_pipeline(family)
+    kwargs = lambda: tiny_call_kwargs(family)  # noqa: E731
+    reference = pipe(PROMPTS, **kwargs()).images
+    with apply(pipe, Swap()):
+        edited = pipe(PROMPTS, **kwargs()).images
+        untouched = bystander(PROMPTS, **kwargs()).images
+    assert (edited - reference).abs().max() > 1e-3
+    assert torch.equal(untouched, reference)
+
+
+class ToyGuide(Control):
+    """Protocol kind 2 toy: a branch whose self-attention is the identity; guidance s (cond - toy)."""
+
+    name = "toy-guide"
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def bind(self, session):
+        return {s.name: None for s in session.sites if s.kind in ("self", "joint", "single")}
+
+    def on_attention(self, call):
+        rows = call.layout.rows("toy")
+        if rows:
+            u = torch.zeros(call.q.shape[0], call.q.shape[1])
+            u[rows] = 1.0
+            call.perturb(u)
+
+    def branches(self, step):
+        return ("toy",)
+
+    def guidance(self, step, preds):
+        return self.scale * (preds["cond"] - preds["toy"])
+
+
+class IdentityEverywhere(ToyGuide):
+    name = "identity"
+
+    def on_attention(self, call):
+        call.perturb(torch.ones(call.q.shape[0], call.q.shape[1]))
+
+    def branches(self, step):
+        return ()
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+def test_extra_branch_guidance_in_one_batch(cfg):
+    pipe = tiny_pipeline("sd15")
+    pipe._guidance_scale = cfg  # what the pipeline sets during a call
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    text = torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor(500)
+    if cfg > 1:
+        x, text = torch.cat([x, x]), torch.cat([torch.randn(2, 77, 32, generator=gen), text])
+    plain = pipe.unet(x, t, encoder_hidden_states=text).sample
+    with apply(pipe, IdentityEverywhere(0.0)):
+        toy = pipe.unet(x, t, encoder_hidden_states=text).sample
+    with apply(pipe, ToyGuide(2.0)):
+        guided = pipe.unet(x, t, encoder_hidden_states=text).sample
+    with apply(pipe, ToyGuide(0.0)):
+        unchanged = pipe.unet(x, t, encoder_hidden_states=text).sample
+    assert guided.shape == plain.shape
+    cond = slice(2, 4) if cfg > 1 else slice(0, 2)
+    expected = plain.clone()
+    expected[cond] = plain[cond] + 2.0 / cfg * (plain[cond] - toy[cond])
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unchanged, plain, atol=1e-6, rtol=0)
+
+
+class Shift(Control):
+    """Protocol kind 3 toy: a fixed latent change at the first step."""
+
+    name = "shift"
+
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def wants_latent_update(self, step):
+        return step.index == 0
+
+    def update_latents(self, update):
+        return self.delta.expand_as(update.z)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_latent_update_reaches_the_pipeline_latents(family):
+    pipe = tiny_pipeline(family)
+    shape = (1, 4, 16, 16)
+    delta = 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    with apply(pipe, Shift(delta)):
+        shifted = pipe("a red circle", **tiny_call_kwargs(family)).images
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigma = float(pipe.scheduler.init_noise_sigma) if family != "sd3" else 1.0  # pipelines scale given latents
+    reference = pipe("a red circle", latents=noise + delta / sigma, **tiny_call_kwargs(family)).images
+    plain = pipe("a red circle", **tiny_call_kwargs(family)).images
+    assert (shifted - reference).abs().max() <= 1e-4
+    assert (shifted - plain).abs().max() > 1e-3
+
+
+class Excite(Control):
+    """Protocol kind 3 with gradients: one ascent step on the mean cross-attention to 'circle'."""
+
+    name = "toy-excite"
+
+    def bind(self, session):
+        self.losses = []
+        return {s.name: None for s in session.sites if s.kind == "cross"}
+
+    def on_attention(self, call):
+        if self.collect is not None:
+            positions = call.text_positions(0, "circle")
+            call.capture(positions, lambda p: self.collect.append(p[:, :, :, :].mean()))
+
+    collect = None
+
+    def wants_latent_update(self, step):
+        return step.index == 0
+
+    def _score(self, update, z):
+        self.collect = []
+        update.denoise(z)
+        score, self.collect = torch.stack(self.collect).mean(), None
+        return score
+
+    def update_latents(self, update):
+        z = update.z.clone().requires_grad_(True)
+        score = self._score(update, z)
+        (grad,) = torch.autograd.grad(score, z)
+        delta = 5.0 * grad / grad.norm()
+        with torch.no_grad():
+            after = self._score(update, update.z + delta)
+        self.losses.append((float(score), float(after)))
+        return delta
+
+
+def test_latent_update_with_gradients_through_attention():
+    pipe = tiny_pipeline("sd15")
+    control = Excite()
+    with apply(pipe, control):
+        pipe("a red circle", **tiny_call_kwargs("sd15"))
+    (before, after), = control.losses
+    assert after > before
+
+
+class CopyText(Control):
+    """Protocol kind 4 toy: sample 1's cond rows take sample 0's text keys and values."""
+
+    name = "copy-text"
+
+    def bind(self, session):
+        return {s.name: None for s in session.sites if s.kind == "cross"}
+
+    def on_attention(self, call):
+        rows = call.layout.rows("cond")
+        first = [r for r in rows if call.layout.samples[r] == 0][0]
+        second = [r for r in rows if call.layout.samples[r] == 1][0]
+        call.k = call.k.clone()
+        call.v = call.v.clone()
+        call.k[second] = call.k[first]
+        call.v[second] = call.v[first]
+
+
+def test_rows_of_one_batch_can_be_coupled():
+    pipe = tiny_pipeline("sd15")
+    kwargs = lambda: tiny_call_kwargs("sd15", guidance_scale=1.0)  # noqa: E731
+    with apply(pipe, CopyText()):
+        coupled = pipe(["a red circle", "a blue square"], **kwargs()).images
+    same = pipe(["a red circle", "a red circle"], **kwargs()).images
+    different = pipe(["a red circle", "a blue square"], **kwargs()).images
+    assert (coupled[1] - same[1]).abs().max() <= 1e-5
+    assert (coupled[1] - different[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_img2img_pipelines(family):
+    from diffusers import (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline,
+                           StableDiffusionImg2ImgPipeline)
+
+    cls = {"sd15": StableDiffusionImg2ImgPipeline, "sd3": StableDiffusion3Img2ImgPipeline,
+           "flux": FluxImg2ImgPipeline}[family]
+    pipe = cls.from_pipe(tiny_pipeline(family))
+    image = torch.rand(1, 3, 32, 32)
+    kwargs = tiny_call_kwargs(family, steps=4, image=image, strength=0.5)
+    kwargs.pop("height"), kwargs.pop("width")
+    reference = pipe("a red circle", **kwargs).images
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    with apply(pipe, HookAll()) as session:
+        ours = pipe("a red circle", **kwargs).images
+    assert (ours - reference).abs().max() <= 1e-5
+    assert session.attention_calls > 0
+
+
+def test_public_api():
+    assert attnctl.apply is apply
+    assert callable(attnctl.load)

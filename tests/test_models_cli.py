@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import attnctl
+from attnctl.cli import main
+from attnctl.errors import ModelError
+
+
+def test_load_tiny_and_folder_round_trip(tmp_path):
+    pipe = attnctl.load("tiny:sd3")
+    pipe.save_pretrained(tmp_path / "sd3")
+    again = attnctl.load(str(tmp_path / "sd3"))
+    assert type(again).__name__ == "StableDiffusion3Pipeline"
+    assert attnctl.models.family_of(again) == "sd3"
+
+
+def test_model_errors():
+    with pytest.raises(ModelError, match="allowed: tiny:sd15"):
+        attnctl.load("tiny:sd99")
+    with pytest.raises(ModelError, match="cannot load model 'nobody/no-such-model'"):
+        attnctl.load("nobody/no-such-model")
+
+
+def test_unsupported_pipeline_names_supported_families():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    pipe = DDPMPipeline(UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                                    down_block_types=("DownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "UpBlock2D")), DDPMScheduler())
+    with pytest.raises(ModelError, match=r"DDPMPipeline is not a supported pipeline.*FLUX"):
+        attnctl.apply(pipe).__enter__()
+
+
+def test_cli_help_and_layers(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "layers" in capsys.readouterr().out
+    assert main(["layers", "tiny:flux", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"joint", "single"}
+    assert all(r["queries"] and r["grid"] for r in rows)
+
+
+def test_cli_errors_are_short(capsys):
+    assert main(["layers", "tiny:nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tiny model 'tiny:nope'" in err and "Traceback" not in err
+
+
+def test_bench_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--quick", "--repeats", "1", "--families", "sd15,flux",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["family"] for r in rows] == ["sd15", "flux"]
+    assert {"family", "stock_s", "attnctl_s", "overhead"} <= set(rows[0])
+
+
+def test_import_attnctl_does_not_import_gradio_or_triton():
+    code = "import sys, attnctl; print('gradio' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "False"
