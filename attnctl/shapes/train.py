@@ -1,0 +1,580 @@
+"""Training of the embedded ShapesWorld models in stock diffusers formats.
+
+Two models share one recipe (see REFERENCES.md, section 8):
+
+* ``shapes``: an ``AutoencoderKL`` (64x64x3 -> 16x16x4) trained first, then a ``UNet2DConditionModel`` with
+  cross-attention and a ``CLIPTextModel`` trained jointly (v-prediction, linear DDPM betas, 10% caption dropout,
+  AdamW, EMA). Saved as a ``StableDiffusionPipeline`` folder.
+* ``shapes-dit``: the same VAE (with ``shift_factor``), an ``SD3Transformer2DModel`` and two
+  ``CLIPTextModelWithProjection`` encoders sharing our word-level tokenizer, no T5, trained with the rectified
+  flow (flow-matching) loss. Saved as a ``StableDiffusion3Pipeline`` folder.
+
+Training is seeded and resumable: ``out_dir/state.pt`` holds the phase, step, weights, optimiser, EMA and the
+VAE's latent statistics; every batch is drawn from a generator seeded by ``(seed, step)``, so a resumed run
+draws the same batches as an uninterrupted one. The dataset is rendered once into a uint8 tensor in memory.
+
+Text conditioning in training reproduces the pipelines' own ``encode_prompt`` exactly (the tests check it):
+SD uses the text encoder's last hidden state over 77 padded tokens; SD3 concatenates the two encoders'
+penultimate hidden states, zero-pads them to ``joint_attention_dim`` and appends ``max_sequence_length`` zero
+tokens in place of T5.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import VOCAB, ShapesError, sample_scene, render, scene_rng
+
+MODELS = ("shapes", "shapes-dit")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint and the model card).
+
+    Defaults are the ``shapes`` model's; ``default_config("shapes-dit")`` adjusts the denoiser ones.
+    """
+
+    model: str = "shapes"
+    seed: int = 0
+    # data
+    dataset_size: int = 24000
+    image_size: int = 64
+    objects_p: tuple[float, float, float] = (0.4, 0.4, 0.2)  # probabilities of 1, 2, 3 objects
+    # VAE
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = 1100
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder(s)
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_projection: int = 64  # shapes-dit pooled projection per encoder
+    # denoiser
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_heads: int = 4
+    dit_layers: int = 4
+    dit_heads: int = 4
+    dit_head_dim: int = 32
+    dit_patch: int = 2
+    dit_t5_tokens: int = 256  # the SD3 pipeline's default max_sequence_length: zero tokens in place of T5
+    steps: int = 4500
+    batch: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema: float = 0.998
+    caption_dropout: float = 0.1
+    # bookkeeping
+    checkpoint_every: int = 500
+    log_every: int = 100
+    threads: int | None = None
+    vae_from: str | None = None  # a pipeline folder or checkpoint whose VAE to reuse (skips the VAE phase)
+    extra: dict = field(default_factory=dict)
+
+
+def default_config(model: str, **overrides) -> TrainConfig:
+    """The default configuration of ``model`` (``"shapes"`` or ``"shapes-dit"``) with ``overrides`` applied."""
+    if model not in MODELS:
+        from ..errors import did_you_mean
+
+        raise ShapesError(f"unknown ShapesWorld model {model!r}; allowed: {', '.join(MODELS)}{did_you_mean(model, MODELS)}")
+    cfg = TrainConfig(model=model)
+    if model == "shapes-dit":
+        cfg = replace(cfg, text_layers=2, steps=6000)
+    unknown = set(overrides) - set(asdict(cfg))
+    if unknown:
+        raise ShapesError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(asdict(cfg))}")
+    return replace(cfg, **overrides)
+
+
+def tiny_config(model: str, **overrides) -> TrainConfig:
+    """A configuration small enough for a smoke test (seconds on CPU)."""
+    small = dict(
+        dataset_size=64, image_size=32, vae_channels=(8, 16), vae_steps=3, vae_batch=4, text_hidden=32,
+        text_layers=2, text_projection=16, unet_channels=(16, 32), unet_heads=2, dit_layers=2, dit_heads=2,
+        dit_head_dim=8, dit_t5_tokens=8, steps=3, batch=4, warmup=1, checkpoint_every=2, log_every=1,
+    )
+    small.update(overrides)
+    return default_config(model, **small)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def render_dataset(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Render ``cfg.dataset_size`` scenes: ``images: uint8 (N, 3, H, W)`` and their captions."""
+    from tqdm.auto import tqdm
+
+    p = np.asarray(cfg.objects_p, dtype=float)
+    p = p / p.sum()
+    images = np.empty((cfg.dataset_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    captions = []
+    for i in tqdm(range(cfg.dataset_size), desc="render", disable=not progress, mininterval=2):
+        rng = scene_rng(cfg.seed, i)
+        n = int(rng.choice(3, p=p)) + 1
+        scene = sample_scene(rng, min_objects=n, max_objects=n)
+        images[i] = np.asarray(render(scene, cfg.image_size))
+        captions.append(scene.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """``input_ids: long (N, 77)`` padded exactly as the pipelines pad."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [-1, 1]."""
+    return images_u8.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+
+
+def build_tokenizer():
+    from ..tokenizers import build_clip_tokenizer
+
+    return build_clip_tokenizer(VOCAB)
+
+
+def build_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=8, sample_size=cfg.image_size,
+    )
+
+
+def _clip_config(cfg: TrainConfig, tokenizer, projection: bool):
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if projection:
+        kwargs["projection_dim"] = cfg.text_projection
+    return CLIPTextConfig(**kwargs)
+
+
+def build_denoiser(cfg: TrainConfig, tokenizer):
+    """``(denoiser, [text encoders])`` for ``cfg.model``, randomly initialised from ``cfg.seed``."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(cfg.seed + 1)
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    if cfg.model == "shapes":
+        from diffusers import UNet2DConditionModel
+
+        n = len(cfg.unet_channels)
+        unet = UNet2DConditionModel(
+            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet_channels),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,  # diffusers: heads per layer
+            norm_num_groups=8,
+        )
+        return unet, [CLIPTextModel(_clip_config(cfg, tokenizer, projection=False))]
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=cfg.dit_patch, in_channels=4, out_channels=4, num_layers=cfg.dit_layers,
+        attention_head_dim=cfg.dit_head_dim, num_attention_heads=cfg.dit_heads,
+        joint_attention_dim=2 * cfg.text_hidden, caption_projection_dim=cfg.dit_heads * cfg.dit_head_dim,
+        pooled_projection_dim=2 * cfg.text_projection, pos_embed_max_size=max(16, 2 * latent // cfg.dit_patch),
+        qk_norm="rms_norm",
+    )
+    encoders = [CLIPTextModelWithProjection(_clip_config(cfg, tokenizer, projection=True)) for _ in range(2)]
+    return transformer, encoders
+
+
+def make_scheduler(model: str):
+    """The inference scheduler saved with each pipeline."""
+    if model == "shapes":
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+            prediction_type="v_prediction", steps_offset=1,
+        )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def encode_text(model: str, encoders, input_ids: torch.Tensor, t5_tokens: int = 256):
+    """Text conditioning exactly as the pipelines compute it.
+
+    ``input_ids: (B, 77)``. ``shapes``: returns ``(prompt_embeds (B, 77, D), None)``.
+    ``shapes-dit``: ``(prompt_embeds (B, 77 + t5_tokens, J), pooled (B, 2 P))`` with ``J`` the transformer's
+    ``joint_attention_dim`` (= 2 D here) and ``P`` each encoder's projection size.
+    """
+    if model == "shapes":
+        return encoders[0](input_ids)[0], None
+    hidden, pooled = [], []
+    for enc in encoders:
+        out = enc(input_ids, output_hidden_states=True)
+        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2])
+    clip = torch.cat(hidden, dim=-1)
+    zeros = clip.new_zeros(clip.shape[0], t5_tokens, clip.shape[-1])
+    return torch.cat([clip, zeros], dim=-2), torch.cat(pooled, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training loops
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The generator of one batch: a function of (seed, phase, step) only, so resuming redraws the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 2 + (0 if phase == "vae" else 1))
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _ema_update(ema_params, params, decay: float) -> None:
+    for e, p in zip(ema_params, params):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def latent_stats(vae, images_u8: torch.Tensor, device, n: int = 2048) -> tuple[float, float]:
+    """Mean and standard deviation of the VAE's latent means over ``n`` dataset images."""
+    vae.eval()
+    zs = []
+    for i in range(0, min(n, len(images_u8)), 256):
+        zs.append(vae.encode(_to_unit(images_u8[i : i + 256]).to(device)).latent_dist.mean.float().cpu())
+    z = torch.cat(zs)
+    return float(z.mean()), float(z.std())
+
+
+@torch.no_grad()
+def encode_dataset(vae, images_u8: torch.Tensor, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of every image, computed once: ``mean, std: float (N, 4, h, w)`` on the CPU."""
+    vae.eval()
+    means, stds = [], []
+    for i in range(0, len(images_u8), batch):
+        dist = vae.encode(_to_unit(images_u8[i : i + batch]).to(device)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_vae(cfg: TrainConfig, vae, images_u8, device, state: dict, ckpt: Path | None, progress: bool) -> None:
+    """Train ``vae`` on ``images_u8: uint8 (N, 3, H, W)`` for ``cfg.vae_steps`` (resuming from ``state``)."""
+    from tqdm.auto import tqdm
+
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    if "vae_opt" in state:
+        opt.load_state_dict(state["vae_opt"])
+    start = state.get("vae_step", 0)
+    bar = tqdm(range(start, cfg.vae_steps), desc="vae", disable=not progress, initial=start, total=cfg.vae_steps,
+               mininterval=5)
+    t0, running = time.time(), None
+    for step in bar:
+        g = _batch_generator(cfg.seed, "vae", step)
+        idx = torch.randint(len(images_u8), (cfg.vae_batch,), generator=g)
+        x = _to_unit(images_u8[idx]).to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, min(cfg.warmup, cfg.vae_steps // 10 + 1))
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running = mse.item() if running is None else 0.98 * running + 0.02 * mse.item()
+        bar.set_postfix(mse=f"{running:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.vae_steps:
+            print(f"[vae] step {done}/{cfg.vae_steps} mse {running:.5f} {time.time() - t0:.0f}s", flush=True)
+            state.setdefault("vae_history", []).append((done, running))
+        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.vae_steps):
+            state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=done)
+            state["elapsed_vae"] = state.get("elapsed_vae", 0.0) + time.time() - t0
+            t0 = time.time()
+            _save_state(ckpt, state)
+    state.update(vae=vae.state_dict(), vae_step=cfg.vae_steps)
+    state.pop("vae_opt", None)
+    vae.eval()
+
+
+def _denoiser_loss(cfg, denoiser, encoders, latents, input_ids, g, device, noise_scheduler):
+    """One training loss. ``latents: (B, 4, h, w)`` already scaled (and shifted), ``input_ids: (B, 77)``."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    embeds, pooled = encode_text(cfg.model, encoders, input_ids, cfg.dit_t5_tokens)
+    if cfg.model == "shapes":
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        pred = denoiser(noisy, t, encoder_hidden_states=embeds).sample
+    else:
+        # Rectified flow: x_t = (1 - s) x_0 + s noise, target noise - x_0; s ~ logit-normal(0, 1) (SD3 paper, 5.1).
+        s = torch.sigmoid(torch.randn((b,), generator=g)).to(device)
+        noisy = (1 - s[:, None, None, None]) * latents + s[:, None, None, None] * noise
+        target = noise - latents
+        pred = denoiser(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=embeds,
+                        pooled_projections=pooled).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def train_denoiser(cfg, vae, denoiser, encoders, images_u8, ids, empty_ids, device, state, ckpt, progress):
+    """Train the denoiser and text encoders jointly; keeps EMA copies in ``state``."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                    beta_schedule="linear", prediction_type="v_prediction")
+    modules = [denoiser, *encoders]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema_modules = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
+    if "denoiser" in state:
+        denoiser.load_state_dict(state["denoiser"])
+        for enc, sd in zip(encoders, state["encoders"]):
+            enc.load_state_dict(sd)
+        for m, sd in zip(ema_modules, state["ema"]):
+            m.load_state_dict(sd)
+        opt.load_state_dict(state["opt"])
+    ema_params = [p for m in ema_modules for p in m.parameters()]
+    shift, scale = state["latent_shift"], state["latent_scale"]
+    for m in modules:
+        m.train()
+    vae.eval().requires_grad_(False)
+    latent_mean, latent_std = encode_dataset(vae, images_u8, device)
+    start = state.get("step", 0)
+    bar = tqdm(range(start, cfg.steps), desc=cfg.model, disable=not progress, initial=start, total=cfg.steps,
+               mininterval=5)
+    t0, running = time.time(), None
+    for step in bar:
+        g = _batch_generator(cfg.seed, "denoiser", step)
+        idx = torch.randint(len(images_u8), (cfg.batch,), generator=g)
+        drop = torch.rand((cfg.batch,), generator=g) < cfg.caption_dropout
+        batch_ids = torch.where(drop[:, None], empty_ids[None, :], ids[idx]).to(device)
+        with torch.no_grad():
+            mean, std = latent_mean[idx].to(device), latent_std[idx].to(device)
+            latents = (mean + std * torch.randn(mean.shape, generator=g).to(device) - shift) * scale
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup)
+        loss = _denoiser_loss(cfg, denoiser, encoders, latents, batch_ids, g, device, noise_scheduler)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema_params, params, cfg.ema if step >= cfg.warmup else 0.0)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            print(f"[{cfg.model}] step {done}/{cfg.steps} loss {running:.5f} {time.time() - t0:.0f}s", flush=True)
+            state.setdefault("history", []).append((done, running))
+        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            state.update(
+                denoiser=denoiser.state_dict(), encoders=[e.state_dict() for e in encoders],
+                ema=[m.state_dict() for m in ema_modules], opt=opt.state_dict(), step=done,
+            )
+            state["elapsed"] = state.get("elapsed", 0.0) + time.time() - t0
+            t0 = time.time()
+            _save_state(ckpt, state)
+    state.update(denoiser=denoiser.state_dict(), encoders=[e.state_dict() for e in encoders],
+                 ema=[m.state_dict() for m in ema_modules], step=cfg.steps)
+    return ema_modules
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pipelines
+
+
+def assemble_pipeline(model: str, vae, denoiser, encoders, tokenizer):
+    """A stock ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` from trained components."""
+    scheduler = make_scheduler(model)
+    if model == "shapes":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=denoiser, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        )
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=denoiser, vae=vae, scheduler=scheduler, text_encoder=encoders[0], tokenizer=tokenizer,
+        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+        image_encoder=None, feature_extractor=None,
+    )
+
+
+def save_pipeline(pipe, folder: str | os.PathLike, card: str | None = None, dtype=torch.float32) -> Path:
+    """Write ``pipe`` as a complete diffusers folder (safetensors) plus an optional ``README.md`` card."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    return folder
+
+
+def _vae_with_stats(vae, model: str, mean: float, std: float):
+    """Copy of ``vae`` whose config carries the latent scaling (SD) or shift and scaling (SD3)."""
+    vae = copy.deepcopy(vae)
+    if model == "shapes":
+        vae.register_to_config(scaling_factor=1.0 / std)
+    else:
+        vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+    return vae
+
+
+def _load_vae(path: str):
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if (p / "state.pt").exists():
+        state = torch.load(p / "state.pt", map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**{**state["config"], "vae_channels": tuple(state["config"]["vae_channels"])})
+        vae = build_vae(cfg)
+        vae.load_state_dict(state["vae"])
+        return vae
+    if (p / "vae").exists():
+        p = p / "vae"
+    return AutoencoderKL.from_pretrained(p)
+
+
+def train(
+    model_name: str = "shapes",
+    out_dir: str | os.PathLike = "shapes-train",
+    steps: int | None = None,
+    resume: bool = True,
+    device: str = "auto",
+    config: TrainConfig | None = None,
+    progress: bool = True,
+    **overrides,
+) -> Path:
+    """Train ``model_name`` (``"shapes"`` or ``"shapes-dit"``) and write its pipeline to ``out_dir/pipeline``.
+
+    ``out_dir/state.pt`` is the resumable checkpoint (``resume=False`` starts afresh). ``steps`` overrides the
+    denoiser's step count; other ``TrainConfig`` fields may be passed as keyword overrides. Returns the pipeline
+    folder, which ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusion3Pipeline.from_pretrained``
+    load offline.
+    """
+    cfg = config if config is not None else default_config(model_name)
+    if config is not None and config.model != model_name:
+        raise ShapesError(f"config is for {config.model!r} but model_name is {model_name!r}")
+    if steps is not None:
+        overrides["steps"] = steps
+    if overrides:
+        unknown = set(overrides) - set(asdict(cfg))
+        if unknown:
+            raise ShapesError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(asdict(cfg))}")
+        cfg = replace(cfg, **overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = _device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "state.pt"
+    state: dict = {}
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = state.get("config", {})
+        if saved.get("model") != cfg.model:
+            raise ShapesError(f"checkpoint {ckpt} is for {saved.get('model')!r}, not {cfg.model!r}; "
+                              "use another out_dir or resume=False")
+        print(f"resuming from {ckpt}: vae step {state.get('vae_step', 0)}, step {state.get('step', 0)}", flush=True)
+    state["config"] = asdict(cfg)
+    torch.manual_seed(cfg.seed)
+
+    t_render = time.time()
+    images_u8, captions = render_dataset(cfg, progress)
+    print(f"rendered {len(captions)} images in {time.time() - t_render:.0f}s", flush=True)
+    tokenizer = build_tokenizer()
+    ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+
+    if cfg.vae_from:
+        vae = _load_vae(cfg.vae_from).to(dev)
+        state["vae_step"] = -1
+    else:
+        vae = build_vae(cfg)
+        if "vae" in state:
+            vae.load_state_dict(state["vae"])
+        vae.to(dev)
+        if state.get("vae_step", 0) < cfg.vae_steps:
+            train_vae(cfg, vae, images_u8, dev, state, ckpt, progress)
+    if "latent_shift" not in state:
+        mean, std = latent_stats(vae, images_u8, dev)
+        state["latent_mean"], state["latent_std"] = mean, std
+        # SD pipelines only scale latents; SD3 pipelines shift and scale.
+        state["latent_shift"] = 0.0 if cfg.model == "shapes" else mean
+        state["latent_scale"] = 1.0 / std
+        _save_state(ckpt, state)
+
+    denoiser, encoders = build_denoiser(cfg, tokenizer)
+    denoiser.to(dev)
+    for e in encoders:
+        e.to(dev)
+    ema_modules = train_denoiser(cfg, vae, denoiser, encoders, images_u8, ids, empty_ids, dev, state, ckpt, progress)
+    _save_state(ckpt, state)
+
+    final_vae = _vae_with_stats(vae, cfg.model, state["latent_mean"], state["latent_std"]).cpu()
+    pipe = assemble_pipeline(cfg.model, final_vae, ema_modules[0].cpu(), [m.cpu() for m in ema_modules[1:]], tokenizer)
+    folder = save_pipeline(pipe, out / "pipeline")
+    summary = {
+        "config": asdict(cfg), "vae_seconds": state.get("elapsed_vae"), "denoiser_seconds": state.get("elapsed"),
+        "latent_mean": state["latent_mean"], "latent_std": state["latent_std"], "device": str(dev),
+        "parameters": {
+            "vae": sum(p.numel() for p in final_vae.parameters()),
+            "denoiser": sum(p.numel() for p in ema_modules[0].parameters()),
+            "text": sum(p.numel() for m in ema_modules[1:] for p in m.parameters()),
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return folder

@@ -1,0 +1,109 @@
+"""Smoke tests of ShapesWorld training at tiny sizes (the real runs are marked slow)."""
+
+import pytest
+import torch
+
+from attnctl.errors import AttnctlError
+from attnctl.shapes import train as T
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folders = {}
+    for model in T.MODELS:
+        out = tmp_path_factory.mktemp(model)
+        folders[model] = T.train(model, out, config=T.tiny_config(model), device="cpu", progress=False)
+    return folders
+
+
+def test_shapes_folder_loads_into_the_stock_pipeline(trained):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained["shapes"])
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.steps_offset == 1
+    assert pipe.safety_checker is None
+    assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+    out = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
+    assert (trained["shapes"] / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_shapes_dit_folder_loads_into_the_stock_sd3_pipeline(trained):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained["shapes-dit"], text_encoder_3=None, tokenizer_3=None)
+    assert pipe.vae.config.shift_factor is not None
+    out = pipe("a blue star", num_inference_steps=2, height=32, width=32, output_type="np",
+               max_sequence_length=8, generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("model", T.MODELS)
+def test_training_conditioning_equals_the_pipelines_encode_prompt(trained, model):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    prompts = ["a red circle and a blue square", ""]
+    if model == "shapes":
+        pipe = StableDiffusionPipeline.from_pretrained(trained[model])
+        ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        ours, _ = T.encode_text(model, [pipe.text_encoder], T.tokenize(pipe.tokenizer, prompts))
+        torch.testing.assert_close(ours, ref)
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(trained[model], text_encoder_3=None, tokenizer_3=None)
+        ref, _, ref_pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device="cpu",
+                                                   do_classifier_free_guidance=False, max_sequence_length=8)
+        ours, pooled = T.encode_text(model, [pipe.text_encoder, pipe.text_encoder_2],
+                                     T.tokenize(pipe.tokenizer, prompts), t5_tokens=8)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(pooled, ref_pooled)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    torch.set_num_threads(1)  # reproducible CPU kernels
+    cfg = T.tiny_config("shapes", vae_steps=2, steps=4, checkpoint_every=2)
+    T.train("shapes", tmp_path / "a", config=cfg, device="cpu", progress=False)
+
+    real = T._lr_factor
+
+    def interrupt(step, total, warmup):
+        if total == cfg.steps and step == 2:
+            raise KeyboardInterrupt  # as if the process were killed after the step-2 checkpoint
+        return real(step, total, warmup)
+
+    monkeypatch.setattr(T, "_lr_factor", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        T.train("shapes", tmp_path / "b", config=cfg, device="cpu", progress=False)
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(T, "_lr_factor", real)
+    T.train("shapes", tmp_path / "b", config=cfg, device="cpu", progress=False)
+
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key in ("denoiser",):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value)
+    for ea, eb in zip(a["ema"], b["ema"]):
+        for name, value in ea.items():
+            torch.testing.assert_close(eb[name], value)
+
+
+def test_bad_names_and_options_raise_attnctl_errors(tmp_path):
+    with pytest.raises(AttnctlError, match="shapes-dit"):
+        T.default_config("shapes-dti")
+    with pytest.raises(AttnctlError, match="unknown training option"):
+        T.default_config("shapes", stepz=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", T.MODELS)
+def test_short_real_training_reduces_the_loss(tmp_path, model):
+    """A few hundred steps of the real architecture at 64 px (minutes on 2 CPU cores)."""
+    cfg = T.default_config(model, dataset_size=2000, vae_steps=200, steps=300, log_every=50, checkpoint_every=100)
+    T.train(model, tmp_path, config=cfg, device="auto", progress=False)
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    vae_hist, hist = state["vae_history"], state["history"]
+    assert vae_hist[-1][1] < 0.5 * vae_hist[0][1]
+    assert hist[-1][1] < hist[0][1]
