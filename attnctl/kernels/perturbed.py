@@ -301,3 +301,63 @@ def perturbed_attention(
     return launch_perturbed_attention(
         q, k, v, u, mode, text_range, key_bias, query_region, key_region, scale, out
     )
+
+
+# --- Adapter for the engine's backend registry (attnctl.attention.BACKENDS["triton"]) ---------------------
+# Duck-typed on AttentionRequest's fields (q, k, v, bias, u, mode, text, scale) so this module does not
+# import the engine.
+
+
+def _request_key_bias(req) -> tuple[bool, torch.Tensor | None]:
+    """(ok, key_bias): the request's bias as a per-key (B|1, H|1, Sk) bias, or ok=False for a dense one."""
+    bias = getattr(req, "bias", None)
+    if bias is None:
+        return True, None
+    if not isinstance(bias, torch.Tensor) or bias.dim() > 4:
+        return False, None
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    if bias.shape[-2] != 1:
+        return False, None  # depends on the query: a dense mask, which this kernel never takes
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).masked_fill(~bias, float("-inf"))
+    Sk = req.k.shape[2]
+    return True, bias[:, :, 0, :].expand(bias.shape[0], bias.shape[1], Sk)
+
+
+def _request_text_range(req) -> tuple[int, int] | None:
+    text = getattr(req, "text", None)
+    if text is None:
+        return None
+    start, stop, step = text.indices(req.k.shape[2])
+    if step != 1:
+        raise ControlError(f"perturbed attention: the text span must be contiguous, got {text!r}")
+    return start, stop
+
+
+def supports_request(req) -> bool:
+    """Whether the kernel can serve an ``attnctl.attention.AttentionRequest`` (else the engine uses SDPA):
+    CUDA (or the interpreter), supported dtype/head_dim, a bias that is per key (never dense), text as a
+    contiguous slice."""
+    if not is_available(req.q):
+        return False
+    if getattr(req, "mode", "full") not in MODES:
+        return False
+    ok, _ = _request_key_bias(req)
+    if not ok:
+        return False
+    text = getattr(req, "text", None)
+    return text is None or text.step in (None, 1)
+
+
+def run_request(req) -> torch.Tensor:
+    """Run an ``AttentionRequest`` on the kernel: (B, H, Sq, D) out, same meaning as ``attend_reference``.
+
+    Mode "image" without a text span is the plain identity ("image" with an empty text span gives V too).
+    """
+    _, key_bias = _request_key_bias(req)
+    mode = getattr(req, "mode", "full")
+    text_range = _request_text_range(req) if mode == "image" else None
+    if mode == "image" and text_range is None:
+        text_range = (0, 0)  # no text tokens: each image query's perturbed map is its own token = V
+    return perturbed_attention(req.q, req.k, req.v, u=req.u, mode=mode, text_range=text_range,
+                               key_bias=key_bias, scale=req.scale)

@@ -186,7 +186,7 @@ def test_interpreter_suite_in_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1", ATTNCTL_KERNEL_TEST_CHILD="1")
     here = Path(__file__)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(here), "-q", "-p", "no:cacheprovider", "-m", "interpret",
+        [sys.executable, "-m", "pytest", str(here.parent), "-q", "-p", "no:cacheprovider", "-m", "interpret",
          "-k", "not fresh_process"],
         cwd=here.parents[2], env=env, capture_output=True, text=True, timeout=600,
     )
