@@ -107,3 +107,27 @@ def test_short_real_training_reduces_the_loss(tmp_path, model):
     vae_hist, hist = state["vae_history"], state["history"]
     assert vae_hist[-1][1] < 0.5 * vae_hist[0][1]
     assert hist[-1][1] < hist[0][1]
+
+
+def test_collapsed_zero_tokens_equal_the_pipelines_full_sequence():
+    """One zero token weighted log(256) in attention == the SD3 pipeline's 256 identical zero tokens."""
+    torch.manual_seed(0)
+    cfg = T.tiny_config("shapes-dit", dit_t5_tokens=256)
+    transformer, encoders = T.build_denoiser(cfg, T.build_tokenizer())
+    transformer.eval()
+    ids = T.tokenize(T.build_tokenizer(), ["a red circle", "a small blue star on the left"])
+    latents = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        full, pooled = T.encode_text("shapes-dit", encoders, ids, t5_tokens=256)
+        ref = transformer(latents, encoder_hidden_states=full, pooled_projections=pooled, timestep=t).sample
+        n = T._collapse_pad(cfg, transformer)
+        assert n == 1
+        short, _ = T.encode_text("shapes-dit", encoders, ids, t5_tokens=n)
+        ours = transformer(latents, encoder_hidden_states=short, pooled_projections=pooled, timestep=t).sample
+        T._restore_processors(transformer)
+        back = transformer(latents, encoder_hidden_states=full, pooled_projections=pooled, timestep=t).sample
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(back, ref)
+    assert not torch.allclose(ref, transformer(latents, encoder_hidden_states=full[:, :80],
+                                               pooled_projections=pooled, timestep=t).sample, atol=1e-4)
