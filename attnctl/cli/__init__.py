@@ -11,6 +11,8 @@ import importlib
 import sys
 
 VERBS = {
+    "run": "attnctl.cli.run",
+    "schema": "attnctl.cli.schema",
     "layers": "attnctl.cli.layers",
     "bench": "attnctl.cli.bench",
 }

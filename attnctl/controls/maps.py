@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from ..errors import TokenError
 from ..select import select
 from .base import Control, StepWindow, StrictOptions, register
 
@@ -30,7 +31,11 @@ class MapsOptions(StrictOptions):
 
 @register
 class Maps(Control):
-    """Attention-map capture. After a pipeline call, ``maps`` is ``{word: tensor (n_samples, h, w)}``."""
+    """Attention-map capture. After a pipeline call, ``maps`` is ``{word: tensor (n_samples, h, w)}``.
+
+    A word missing from one sample's prompt gets no map for that sample (zeros) and is listed under
+    ``missing`` in the diagnostics; the run goes on.
+    """
 
     name = "maps"
     Options = MapsOptions
@@ -42,6 +47,7 @@ class Maps(Control):
         self._sums: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self.maps: dict[str, torch.Tensor] = {}
+        self._missing: set[tuple[str, str]] = set()
 
     def on_attention(self, call):
         opts = self.options
@@ -49,7 +55,15 @@ class Maps(Control):
             return
         rows = call.layout.rows(opts.branch)
         samples = [call.layout.samples[r] for r in rows]
-        wanted = {(s, w): call.text_positions(s, w) for s in samples for w in opts.words}
+        wanted = {}
+        for s in samples:
+            for w in opts.words:
+                try:
+                    wanted[(s, w)] = call.text_positions(s, w)
+                except TokenError:  # a word absent from this sample's prompt: no map for it, reported
+                    self._missing.add((call.session.prompt_of(s), w))
+        if not wanted:
+            return
         columns = sorted({p for positions in wanted.values() for p in positions})
         heads = list(call.heads) if call.heads is not None else None
         rows_t = torch.tensor(rows)
@@ -63,6 +77,8 @@ class Maps(Control):
             sums = self._sums.setdefault((h, w), {})
             for i, sample in enumerate(samples):
                 for word in opts.words:
+                    if (sample, word) not in wanted:
+                        continue
                     index = [columns.index(p) for p in wanted[(sample, word)]]
                     grid = probs[i, :, index].sum(dim=-1).reshape(h, w)
                     store = sums.setdefault(word, torch.zeros(call.layout.n_samples, h, w))
@@ -76,8 +92,9 @@ class Maps(Control):
         call.capture(columns, collect)
 
     def on_call_end(self, session):
+        missing = [{"prompt": p, "word": w} for p, w in sorted(self._missing)]
         if not self._counts:
-            return {}
+            return {"missing": missing} if missing else {}
         target = max(self._counts, key=lambda hw: hw[0] * hw[1])
         total = sum(self._counts.values())
         for word in self.options.words:
@@ -91,5 +108,5 @@ class Maps(Control):
                 acc = m if acc is None else acc + m
             if acc is not None:
                 self.maps[word] = acc / total
-        return {"grid": list(target), "layer_calls": total,
+        return {"grid": list(target), "layer_calls": total, "missing": missing,
                 "peak": {w: [round(float(v), 4) for v in m.flatten(1).max(dim=1).values] for w, m in self.maps.items()}}
