@@ -637,17 +637,43 @@ def train(
     ema_modules = train_denoiser(cfg, vae, denoiser, encoders, images_u8, ids, empty_ids, dev, state, ckpt, progress)
     _save_state(ckpt, state)
 
-    final_vae = _vae_with_stats(vae, cfg.model, state["latent_mean"], state["latent_std"]).cpu()
-    pipe = assemble_pipeline(cfg.model, final_vae, ema_modules[0].cpu(), [m.cpu() for m in ema_modules[1:]], tokenizer)
-    folder = save_pipeline(pipe, out / "pipeline")
+    return export_pipeline(out, out / "pipeline", state=state, device=str(dev))
+
+
+def export_pipeline(out_dir: str | os.PathLike, folder: str | os.PathLike | None = None, state: dict | None = None,
+                    device: str = "cpu") -> Path:
+    """Write the pipeline (EMA weights) of the checkpoint in ``out_dir`` to ``folder`` (default
+    ``out_dir/pipeline``), also mid-run, plus ``out_dir/summary.json``. Returns the folder."""
+    out = Path(out_dir)
+    if state is None:
+        if not (out / "state.pt").exists():
+            raise ShapesError(f"no checkpoint at {out / 'state.pt'}; train first")
+        state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+    if "ema" not in state:
+        raise ShapesError(f"checkpoint {out / 'state.pt'} has no denoiser weights yet (still in the VAE phase)")
+    raw = dict(state["config"])
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    tokenizer = build_tokenizer()
+    vae = _load_vae(cfg.vae_from) if cfg.vae_from else build_vae(cfg)
+    if not cfg.vae_from:
+        vae.load_state_dict(state["vae"])
+    denoiser, encoders = build_denoiser(cfg, tokenizer)
+    denoiser.load_state_dict(state["ema"][0])
+    for enc, sd in zip(encoders, state["ema"][1:]):
+        enc.load_state_dict(sd)
+    final_vae = _vae_with_stats(vae, cfg.model, state["latent_mean"], state["latent_std"])
+    pipe = assemble_pipeline(cfg.model, final_vae.eval(), denoiser.eval(), [e.eval() for e in encoders], tokenizer)
+    folder = save_pipeline(pipe, folder if folder is not None else out / "pipeline")
     summary = {
-        "config": asdict(cfg), "vae_seconds": state.get("elapsed_vae"), "denoiser_seconds": state.get("elapsed"),
-        "latent_mean": state["latent_mean"], "latent_std": state["latent_std"], "device": str(dev),
+        "config": asdict(cfg), "vae_step": state.get("vae_step"), "step": state.get("step"),
+        "vae_seconds": state.get("elapsed_vae"), "denoiser_seconds": state.get("elapsed"),
+        "latent_mean": state["latent_mean"], "latent_std": state["latent_std"], "device": device,
         "parameters": {
             "vae": sum(p.numel() for p in final_vae.parameters()),
-            "denoiser": sum(p.numel() for p in ema_modules[0].parameters()),
-            "text": sum(p.numel() for m in ema_modules[1:] for p in m.parameters()),
+            "denoiser": sum(p.numel() for p in denoiser.parameters()),
+            "text": sum(p.numel() for e in encoders for p in e.parameters()),
         },
+        "vae_history": state.get("vae_history"), "history": state.get("history"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return folder
