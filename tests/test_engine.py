@@ -176,7 +176,8 @@ def test_extra_branch_guidance_in_one_batch(cfg):
     expected = plain.clone()
     expected[cond] = plain[cond] + 2.0 / cfg * (plain[cond] - toy[cond])
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(unchanged, plain, atol=1e-6, rtol=0)
+    # scale 0 still runs the extra rows: a larger batch blocks float32 matmuls differently (~1e-6)
+    torch.testing.assert_close(unchanged, plain, atol=1e-5, rtol=0)
 
 
 class Shift(Control):
