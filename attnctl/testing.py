@@ -132,7 +132,7 @@ def _sd3(tokenizer):
         joint_attention_dim=64,
         pooled_projection_dim=64,
         out_channels=4,
-        pos_embed_max_size=32,
+        pos_embed_max_size=64,
         dual_attention_layers=(0,),  # SD3.5: an extra image-only self-attention in block 0
         qk_norm="rms_norm",  # SD3.5
     )
