@@ -18,9 +18,10 @@ keys and Z_t the perturbed one over text keys plus the query's own token, an ima
           + [(1-u)/Z_p + u/Z_t] * sum_{text j} e^{s_ij} v_j                (text keys, both maps)
           + u/Z_t * e^{s_ii} v_i                                           (the identity's diagonal)
 
-so one accumulator suffices once Z_t is known: a stats-only pass over the (short) text span gives the text
-keys' max and sum, the image keys stream through the usual online softmax, and a last pass over the text
-span adds its values with the now-known per-row coefficient. Text queries use the same formulas with u = 0
+so one accumulator suffices: the image keys stream through the usual online softmax first (only the plain
+state is live during that long loop), then a stats-only pass over the (short) text span gives the text keys'
+max and sum, hence Z_p and Z_t, and a last pass over the text span adds its values with the now-known
+per-row coefficient. Text queries use the same formulas with u = 0
 (plain attention). Cost over plain attention: one more Q K^T over the text span (77-512 keys of ~4.5k);
 with u == 1 and a block of image queries only, the image keys are skipped altogether.
 """
@@ -208,19 +209,10 @@ def _image_mode_rows(u, Q_base, K_base, V_base, Bias_base, KReg_base, qreg, offs
     block_has_image = (m_start < TEXT_START) | (m_stop > TEXT_END)
     block_has_text = (m_start < TEXT_END) & (m_stop > TEXT_START)
     if (u != 0.0) & block_has_image:
-        is_image_row = (offs_m < TEXT_START) | (offs_m >= TEXT_END)
-        u_row = tl.where(is_image_row, u, 0.0)
-        # 1. Max and sum of the text keys' scores (no V): gives Z_t before the values are summed.
-        acc, m_x, l_x = _visit_range(acc, m_i, l_i, l_i, q, qreg, K_base, V_base, Bias_base, KReg_base,
-                                     stride_kn, stride_vn, stride_bn, stride_krn, TEXT_START, TEXT_END,
-                                     qk_scale, 1, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_BIAS, HAS_REGION, IS_FP32)
-        # 2. The diagonal score s_ii (bias included, region masks not: the identity is never hidden).
-        k_self = tl.load(K_base + offs_m[:, None] * stride_kn + offs_d[None, :], mask=row_mask, other=0.0)
-        s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale
-        if HAS_BIAS:
-            bias_self = tl.load(Bias_base + offs_m * stride_bn, mask=offs_m < SEQ_Q, other=0.0)
-            s_self = s_self + bias_self.to(tl.float32) * LOG2E
-        # 3. Image keys, plain online softmax. Skipped when every row here is an image row with u == 1,
+        # Order matters for registers: the long image-key loop runs first, while only the usual online
+        # softmax state is live (as in plain attention); the per-row extras of the perturbed map (text
+        # statistics, the diagonal score) are computed after it, around the short text span.
+        # 1. Image keys, plain online softmax. Skipped when every row here is an image row with u == 1,
         #    whose plain weight (1 - u) is zero.
         if (u != 1.0) | block_has_text:
             acc, m_i, l_i = _visit_range(acc, m_i, l_i, l_i, q, qreg, K_base, V_base, Bias_base, KReg_base,
@@ -229,6 +221,20 @@ def _image_mode_rows(u, Q_base, K_base, V_base, Bias_base, KReg_base, qreg, offs
             acc, m_i, l_i = _visit_range(acc, m_i, l_i, l_i, q, qreg, K_base, V_base, Bias_base, KReg_base,
                                          stride_kn, stride_vn, stride_bn, stride_krn, TEXT_END, SEQ_K,
                                          qk_scale, 0, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_BIAS, HAS_REGION, IS_FP32)
+        # 2. Max and sum of the text keys' scores (no V): gives Z_t before the text values are summed.
+        m_x = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_x = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc, m_x, l_x = _visit_range(acc, m_x, l_x, l_x, q, qreg, K_base, V_base, Bias_base, KReg_base,
+                                     stride_kn, stride_vn, stride_bn, stride_krn, TEXT_START, TEXT_END,
+                                     qk_scale, 1, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_BIAS, HAS_REGION, IS_FP32)
+        # 3. The diagonal score s_ii (bias included, region masks not: the identity is never hidden).
+        k_self = tl.load(K_base + offs_m[:, None] * stride_kn + offs_d[None, :], mask=row_mask, other=0.0)
+        s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale
+        if HAS_BIAS:
+            bias_self = tl.load(Bias_base + offs_m * stride_bn, mask=offs_m < SEQ_Q, other=0.0)
+            s_self = s_self + bias_self.to(tl.float32) * LOG2E
+        is_image_row = (offs_m < TEXT_START) | (offs_m >= TEXT_END)
+        u_row = tl.where(is_image_row, u, 0.0)
         # 4. Per-row coefficients, every exponent shifted by a max so nothing overflows.
         top = tl.maximum(m_i, m_x)
         top = tl.where(top == float("-inf"), 0.0, top)
