@@ -657,6 +657,9 @@ def export_pipeline(out_dir: str | os.PathLike, folder: str | os.PathLike | None
     vae = _load_vae(cfg.vae_from) if cfg.vae_from else build_vae(cfg)
     if not cfg.vae_from:
         vae.load_state_dict(state["vae"])
+    if (out / "decoder.pt").exists():  # a decoder fine-tuned on the frozen encoder's latents
+        vae.load_state_dict(torch.load(out / "decoder.pt", map_location="cpu", weights_only=False)["decoder"],
+                            strict=False)
     denoiser, encoders = build_denoiser(cfg, tokenizer)
     denoiser.load_state_dict(state["ema"][0])
     for enc, sd in zip(encoders, state["ema"][1:]):
@@ -677,3 +680,62 @@ def export_pipeline(out_dir: str | os.PathLike, folder: str | os.PathLike | None
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return folder
+
+
+def _decoder_keys(name: str) -> bool:
+    return name.startswith("decoder.") or name.startswith("post_quant_conv.")
+
+
+def finetune_decoder(out_dir: str | os.PathLike, steps: int = 1000, lr: float = 2e-4, batch: int | None = None,
+                     foreground_weight: float = 10.0, progress: bool = True) -> Path:
+    """Fine-tune only the VAE decoder of the checkpoint in ``out_dir`` (the encoder, hence the latent space
+    the denoiser learns, stays fixed), with object pixels weighted ``foreground_weight`` times the background:
+    small stars are a few pixels and a plain MSE lets the decoder round them into blobs. Safe to run while the
+    denoiser trains. Writes ``out_dir/decoder.pt`` (resumable); ``export_pipeline`` uses it when present.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    batch = batch or cfg.vae_batch
+    vae = build_vae(cfg)
+    vae.load_state_dict(state["vae"])
+    path = out / "decoder.pt"
+    dec_state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else {"step": 0}
+    if "decoder" in dec_state:
+        vae.load_state_dict(dec_state["decoder"], strict=False)
+    params = [p for n, p in vae.named_parameters() if _decoder_keys(n)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if "opt" in dec_state:
+        opt.load_state_dict(dec_state["opt"])
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    images_u8, _ = render_dataset(cfg, progress=False)
+    background = images_u8[:, :, 0, 0].float().median(0).values  # (3,): the dataset's background
+    start = dec_state["step"]
+    for step in tqdm(range(start, steps), desc="decoder", disable=not progress, initial=start, total=steps,
+                     mininterval=5):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 2 + 7)
+        idx = torch.randint(len(images_u8), (batch,), generator=g)
+        x = _to_unit(images_u8[idx])
+        fg = (images_u8[idx].float() - background[None, :, None, None]).abs().amax(1, keepdim=True) > 8
+        weight = 1.0 + (foreground_weight - 1.0) * fg.float()
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, min(50, steps // 10 + 1))
+        loss = (weight * (vae.decode(z).sample - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        if done % 50 == 0 or done == steps:
+            print(f"[decoder] step {done}/{steps} weighted mse {loss.item():.5f}", flush=True)
+            dec_state = {"decoder": {n: v for n, v in vae.state_dict().items() if _decoder_keys(n)},
+                         "opt": opt.state_dict(), "step": done}
+            _save_state(path, dec_state)
+    return path

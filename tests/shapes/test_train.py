@@ -131,3 +131,15 @@ def test_collapsed_zero_tokens_equal_the_pipelines_full_sequence():
     torch.testing.assert_close(back, ref)
     assert not torch.allclose(ref, transformer(latents, encoder_hidden_states=full[:, :80],
                                                pooled_projections=pooled, timestep=t).sample, atol=1e-4)
+
+
+def test_decoder_finetune_keeps_the_encoder_and_is_exported(tmp_path):
+    from diffusers import AutoencoderKL
+
+    cfg = T.tiny_config("shapes", vae_steps=2, steps=2)
+    folder = T.train("shapes", tmp_path, config=cfg, device="cpu", progress=False)
+    before = AutoencoderKL.from_pretrained(folder / "vae").state_dict()
+    T.finetune_decoder(tmp_path, steps=3, lr=1e-2, progress=False)
+    after = AutoencoderKL.from_pretrained(T.export_pipeline(tmp_path, tmp_path / "p2") / "vae").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
