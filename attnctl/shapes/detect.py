@@ -36,6 +36,7 @@ class Detection:
     fill: float = 0.0
     solidity: float = 0.0
     widest: float = 0.5
+    corners: float = 0.0
 
 
 def _as_array(image) -> np.ndarray:
@@ -103,6 +104,19 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
+def _fill_holes(comp: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """``comp: (K, 2)`` pixels plus every pixel of its box not 4-connected to the box's outside."""
+    box = np.zeros((r1 - r0 + 2, c1 - c0 + 2), dtype=bool)
+    box[comp[:, 0] - r0 + 1, comp[:, 1] - c0 + 1] = True
+    outside = connected_components(~box)
+    free = np.ones_like(box)
+    for part in outside:
+        if (part == 0).any():  # touches the padding: truly outside (index 0 row or column)
+            free[part[:, 0], part[:, 1]] = False
+    filled = np.argwhere(free[1:-1, 1:-1]) + [r0, c0]
+    return filled
+
+
 def _hull_area(points: np.ndarray) -> float:
     """Area of the convex hull of 2-D ``points: (K, 2)`` (Andrew's monotone chain + shoelace)."""
     pts = np.unique(points, axis=0)
@@ -128,19 +142,33 @@ def _hull_area(points: np.ndarray) -> float:
     return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
-def classify_shape(fill: float, solidity: float, widest: float = 0.5) -> str:
+def _corner_cover(comp: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> float:
+    """Mean coverage of the four corner cells (each a quarter of the box side) of the box: square ~1, circle ~0.3."""
+    box = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+    box[comp[:, 0] - r0, comp[:, 1] - c0] = True
+    h, w = box.shape
+    ch, cw = max(1, h // 4), max(1, w // 4)
+    cells = [box[:ch, :cw], box[:ch, -cw:], box[-ch:, :cw], box[-ch:, -cw:]]
+    return float(np.mean([c.mean() for c in cells]))
+
+
+def classify_shape(fill: float, solidity: float, widest: float = 0.5, corners: float | None = None) -> str:
     """Shape from the box fill ratio, the solidity and where the object is widest (0 top, 1 bottom).
 
     Measured on ground-truth renders and on VAE reconstructions (2nd-98th percentiles):
     square fill >= 0.88; circle fill 0.72-0.85, solidity >= 0.91; triangle widest >= 0.8 (its base),
-    fill 0.51-0.64; star widest 0.3-0.5, solidity 0.57-0.86 (blurred small stars are the fullest).
+    fill 0.51-0.64; star widest 0.3-0.5, solidity 0.57-0.86 (blurred small stars are the fullest), fill <= 0.74.
+    ``corners`` (mean coverage of the box's corner cells) settles full but irregular objects.
     """
     if widest >= 0.7 and fill < 0.75:
         return "triangle"
     if fill >= 0.87:
         return "square"
-    if solidity < 0.885:
+    if solidity < 0.885 and fill < 0.78:
         return "star"
+    if fill >= 0.78 and corners is not None:
+        # A generated square with a bitten edge: its corners are still filled, a circle's are not.
+        return "square" if corners >= 0.75 else "circle"
     return "circle" if fill >= 0.64 else "star"
 
 
@@ -166,18 +194,23 @@ def detect(image, min_pixels: int | None = None, max_residual: float = 45.0) -> 
                 continue
             rows, cols = comp[:, 0], comp[:, 1]
             r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            # Fill holes: generated objects have light blotches inside (yellow most, being nearest the
+            # background) that would otherwise read as concavities.
+            comp = _fill_holes(comp, r0, r1, c0, c1)
+            rows, cols = comp[:, 0], comp[:, 1]
             fill = float(len(comp)) / float((r1 - r0) * (c1 - c0))
             # Where the object is widest, from top (0) to bottom (1): a triangle at its base, a star at its arms.
             widths = np.bincount(rows - r0, minlength=r1 - r0)
             widest = float(np.mean(np.nonzero(widths >= 0.9 * widths.max())[0])) / max(1, r1 - r0 - 1)
+            corner_fill = _corner_cover(comp, r0, r1, c0, c1)
             corners = np.concatenate([comp, comp + [0, 1], comp + [1, 0], comp + [1, 1]])
             hull = _hull_area(corners.astype(np.float64))
             solidity = float(len(comp)) / hull if hull > 0 else 1.0
             found.append(
                 Detection(
-                    colour=name, shape=classify_shape(fill, solidity, widest),
+                    colour=name, shape=classify_shape(fill, solidity, widest, corner_fill),
                     box=(c0 / w, r0 / h, c1 / w, r1 / h), pixels=int(len(comp)), fill=fill, solidity=solidity,
-                    widest=widest,
+                    widest=widest, corners=corner_fill,
                 )
             )
     return sorted(found, key=lambda d: -d.pixels)
