@@ -65,8 +65,21 @@ class Adapter:
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
 
-    def sites(self, denoiser: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
+    def module_class(self) -> type:
+        """The attention module class of this family."""
         raise NotImplementedError
+
+    def kind_of(self, module) -> str:
+        raise NotImplementedError
+
+    def sites(self, denoiser: torch.nn.Module) -> list[tuple[Site, torch.nn.Module]]:
+        """Every attention module of ``denoiser`` in model order, described as a ``Site``."""
+        cls, found = self.module_class(), []
+        for name, module in denoiser.named_modules():
+            if isinstance(module, cls):
+                head_dim = module.to_q.out_features // module.heads
+                found.append((Site(name, self.kind_of(module), module.heads, head_dim, len(found)), module))
+        return found
 
     def make_processor(self, site: Site, session, original):
         raise NotImplementedError

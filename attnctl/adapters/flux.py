@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Site, TextSegment
+from .base import Adapter, TextSegment
 from .processor import AttnctlProcessor
 
 
@@ -81,15 +81,13 @@ class FluxAdapter(Adapter):
 
         return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
 
-    def sites(self, denoiser):
+    def module_class(self):
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
-        found = []
-        for name, module in denoiser.named_modules():
-            if isinstance(module, FluxAttention):
-                kind = "joint" if module.added_kv_proj_dim is not None else "single"
-                found.append((Site(name, kind, module.heads, module.head_dim, len(found)), module))
-        return found
+        return FluxAttention
+
+    def kind_of(self, module):
+        return "joint" if module.added_kv_proj_dim is not None else "single"
 
     def make_processor(self, site, session, original):
         return FluxProcessor(site, session, original)

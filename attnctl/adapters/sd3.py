@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
-from .base import Adapter, Site, TextSegment
+from .base import Adapter, TextSegment
 from .processor import AttnctlProcessor
 
 
@@ -36,9 +37,9 @@ class SD3Processor(AttnctlProcessor):
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
-            query = torch_cat(query, eq)
-            key = torch_cat(key, ek)
-            value = torch_cat(value, ev)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
             text = slice(n_image, query.shape[2])
 
         call = self.session.attention_call(self.site, query, key, value, text=text, image=slice(0, n_image),
@@ -67,12 +68,6 @@ class SD3Processor(AttnctlProcessor):
         return hidden_states
 
 
-def torch_cat(a, b):
-    import torch
-
-    return torch.cat([a, b], dim=2)
-
-
 class SD3Adapter(Adapter):
     family = "sd3"
     denoiser_attr = "transformer"
@@ -85,16 +80,13 @@ class SD3Adapter(Adapter):
 
         return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
 
-    def sites(self, denoiser):
+    def module_class(self):
         from diffusers.models.attention_processor import Attention
 
-        found = []
-        for name, module in denoiser.named_modules():
-            if isinstance(module, Attention):
-                kind = "joint" if getattr(module, "add_k_proj", None) is not None else "self"
-                head_dim = module.to_q.out_features // module.heads
-                found.append((Site(name, kind, module.heads, head_dim, len(found)), module))
-        return found
+        return Attention
+
+    def kind_of(self, module):
+        return "joint" if getattr(module, "add_k_proj", None) is not None else "self"
 
     def make_processor(self, site, session, original):
         return SD3Processor(site, session, original)

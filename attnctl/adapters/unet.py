@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, Site, TextSegment
+from .base import Adapter, TextSegment
 from .processor import AttnctlProcessor
 
 
@@ -79,16 +79,13 @@ class UNetAdapter(Adapter):
 
         return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
 
-    def sites(self, denoiser):
+    def module_class(self):
         from diffusers.models.attention_processor import Attention
 
-        found = []
-        for name, module in denoiser.named_modules():
-            if isinstance(module, Attention):
-                head_dim = module.to_q.out_features // module.heads
-                kind = "cross" if module.is_cross_attention else "self"
-                found.append((Site(name, kind, module.heads, head_dim, len(found)), module))
-        return found
+        return Attention
+
+    def kind_of(self, module):
+        return "cross" if module.is_cross_attention else "self"
 
     def make_processor(self, site, session, original):
         return UNetProcessor(site, session, original)
