@@ -123,7 +123,7 @@ def head_strengths(session, targets: list[PerturbTarget]) -> dict[str, torch.Ten
     strengths: dict[str, torch.Tensor] = {}
     for target in targets:
         for name, heads in select(session.sites, target.layers, kinds=PERTURBABLE_KINDS).items():
-            u = strengths.setdefault(name, torch.zeros(heads_of[name]))
+            u = strengths.setdefault(name, torch.zeros(heads_of[name], dtype=torch.float64))
             index = list(range(heads_of[name])) if heads is None else list(heads)
             u[index] = torch.clamp(u[index], min=target.u)
     return strengths
