@@ -1,9 +1,9 @@
 """HeadHunter: greedy search for the attention heads whose perturbation guides best.
 
-HeadHunter (Ahn et al., NeurIPS 2025, arXiv 2506.10978, Sec. 4; repo cvlab-kaist/HeadHunter): keep a set S of
+HeadHunter (Ahn et al., NeurIPS 2025, arXiv 2506.10978; repo cvlab-kaist/HeadHunter): keep a set S of
 selected heads, initially empty. Each round, every candidate head h not in S is scored by generating the
 recipe's images with PAG on S + {h} and scoring them with an objective (the paper: PickScore); the top k
-candidates join S. After R rounds S is the answer (the paper: k = 3, 5 rounds, guidance scale 3).
+candidates join S. After R rounds S is the answer (the repo's defaults: k = 3, 5 rounds, guidance scale 3).
 
 Here the candidates are the heads of the recipe's ``perturb`` layers (every self/joint/single-stream head
 when it names none), the guidance settings (scale, u, window, schedule, mode) are the recipe's, and the
@@ -106,6 +106,10 @@ class HeadSets(Perturb):
 
     def bind(self, session):
         return {name: None for name in sorted({name for name, _ in self.candidates})}
+
+    @property
+    def active(self) -> bool:
+        return self.options.u > 0 and any(self.sets)
 
     def row_strengths(self, call):
         rows = call.layout.rows(self.branch)

@@ -1,6 +1,6 @@
 """``perturb``: perturbed-attention guidance (PAG) and its head-level, soft form (SoftPAG).
 
-PAG (Ahn et al. 2024, arXiv 2403.17377, eq. 9-10) runs one more branch of the denoiser in which chosen
+PAG (Ahn et al. 2024, arXiv 2403.17377) runs one more branch of the denoiser in which chosen
 self-attention maps are replaced by the identity (each token attends only to itself, so the layer's output is
 its values V), and guides away from it::
 
@@ -144,11 +144,17 @@ class Perturb(Control):
         super().__init__(options, **kwargs)
         self.branch = branch
         self.strengths: dict[str, torch.Tensor] = {}
+        self._steps: list[int] = []
 
     def bind(self, session):
         targets = self.options.resolved_targets(session.family)
         self.strengths = head_strengths(session, targets)
         return {name: None for name, u in self.strengths.items() if bool((u > 0).any())}
+
+    @property
+    def active(self) -> bool:
+        """Whether any selected head has u > 0 (else the perturbed branch would equal cond: skip it)."""
+        return any(bool((u > 0).any()) for u in self.strengths.values())
 
     def on_call_start(self, session):
         self._steps: list[int] = []
@@ -158,7 +164,7 @@ class Perturb(Control):
 
     def branches(self, step):
         # Scale 0 or outside the window: no extra rows at all (the plain pipeline's batch, its exact numbers).
-        if self.options.scale == 0 or not self.options.window.contains(step.progress):
+        if self.options.scale == 0 or not self.options.window.contains(step.progress) or not self.active:
             return ()
         if not self._steps or self._steps[-1] != step.index:
             self._steps.append(step.index)
@@ -179,6 +185,7 @@ class Perturb(Control):
             call.perturb(u, self.options.mode)
 
     def guidance(self, step, preds):
+        """``s(progress) * (cond - perturbed)``; preds are (n_samples, ...) noise predictions per branch."""
         scale = scale_at(self.options, step.progress)
         if self.branch not in preds:
             return None
