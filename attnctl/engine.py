@@ -237,6 +237,7 @@ class Session:
         self._call_open = False
         self._denoised_in_call = False
         self._pending: tuple[int, torch.Tensor, float] | None = None
+        self._carry: tuple[int, dict[int, torch.Tensor]] | None = None  # guidance for a separate uncond call
         self._clock_key = None
         self._clock: torch.Tensor | None = None
         self._token_cache: dict[tuple[str, str], list[int]] = {}
@@ -337,6 +338,7 @@ class Session:
         self.images_per_prompt = int(images_per_prompt or 1)
         self._token_cache.clear()
         self._pending = None
+        self._carry = None
         self._branch_name = None
         self._call_open, self._denoised_in_call = True, False
         self._call_started_at = time.perf_counter()
@@ -474,7 +476,7 @@ class Session:
         finally:
             self.frame = previous
         if not names:
-            return out
+            return self._carry_guidance(out, layout, step)
         sample = get_sample(out)
         cond = layout.rows("cond")
         preds = {"cond": sample[cond]}
@@ -487,11 +489,51 @@ class Session:
                 delta = d if delta is None else delta + d
         base = sample[:n]
         if delta is not None:
-            # The pipeline's CFG computes uncond + w (cond - uncond): adding delta / w to cond adds delta to eps.
-            w = float(getattr(self.pipe, "guidance_scale", 1.0)) if layout.has("uncond") else 1.0
-            base = base.clone()
-            base[cond] = base[cond] + delta.to(base.dtype) / w
+            base = self._fold_guidance(base, layout, step, delta)
         return with_sample(out, base)
+
+    def _fold_guidance(self, base: torch.Tensor, layout: BatchLayout, step: StepInfo,
+                       delta: torch.Tensor) -> torch.Tensor:
+        """Change the rows the pipeline combines so that its final noise prediction gains ``delta``.
+
+        ``delta``: one row per cond row of ``layout``. CFG forms uncond + w (cond - uncond), weights summing to
+        one. With uncond rows in this call (w = ``pipe.guidance_scale`` > 1) the uncond rows take
+        -delta / (w - 1) and the cond rows stay the model's own prediction, so whatever else the pipeline reads
+        from them (``guidance_rescale``'s std, SD3's skip-layer guidance) sees the unmodified conditional
+        prediction, as in diffusers' PAG pipelines. Without uncond rows the cond rows take delta; if the
+        pipeline then runs its uncond pass as a separate call at the same step (FLUX's true CFG, whose scale
+        the engine cannot read), that call's rows take delta too (``_carry_guidance``), so
+        neg + s (cond - neg) gains exactly delta for any s.
+        """
+        base = base.clone()
+        cond, uncond = layout.rows("cond"), layout.rows("uncond")
+        delta = delta.to(base.dtype)
+        w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        if uncond and w > 1.0:
+            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
+            index = [by_sample[layout.samples[r]] for r in uncond]
+            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
+            self._carry = None
+            return base
+        base[cond] = base[cond] + delta
+        if uncond:  # CFG rows present but w <= 1: the pipeline's CFG weights still sum to one
+            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
+            base[uncond] = base[uncond] + delta[[by_sample[layout.samples[r]] for r in uncond]]
+            self._carry = None
+        else:
+            self._carry = (step.index, {layout.samples[r]: delta[i] for i, r in enumerate(cond)})
+        return base
+
+    def _carry_guidance(self, out, layout: BatchLayout, step: StepInfo):
+        """An uncond-only call at the step of the last guided cond call (FLUX's true CFG) gets the same delta."""
+        carry, self._carry = self._carry, None
+        if carry is None or carry[0] != step.index or layout.has("cond") or not layout.has("uncond"):
+            return out
+        sample = get_sample(out).clone()
+        for r, s in enumerate(layout.samples):
+            if s in carry[1]:
+                sample[r] = sample[r] + carry[1][s].to(sample.dtype)
+        return with_sample(out, sample)
 
     def _update_latents(self, params: dict, frame: Frame, updaters: list[Control]) -> torch.Tensor:
         x = params[self.adapter.latent_arg]

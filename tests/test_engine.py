@@ -174,8 +174,15 @@ def test_extra_branch_guidance_in_one_batch(cfg):
     assert guided.shape == plain.shape
     cond = slice(2, 4) if cfg > 1 else slice(0, 2)
     expected = plain.clone()
-    expected[cond] = plain[cond] + 2.0 / cfg * (plain[cond] - toy[cond])
+    if cfg > 1:  # the uncond rows carry the guidance; the cond rows stay the model's own prediction
+        expected[:2] = plain[:2] - 2.0 / (cfg - 1) * (plain[cond] - toy[cond])
+    else:
+        expected[cond] = plain[cond] + 2.0 * (plain[cond] - toy[cond])
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    if cfg > 1:  # what the pipeline's CFG makes of it: eps = uncond + w (cond - uncond) + 2 (cond - toy)
+        eps = guided[:2] + cfg * (guided[2:] - guided[:2])
+        reference = plain[:2] + cfg * (plain[2:] - plain[:2]) + 2.0 * (plain[2:] - toy[2:])
+        torch.testing.assert_close(eps, reference, atol=1e-5, rtol=1e-5)
     # scale 0 still runs the extra rows: a larger batch blocks float32 matmuls differently (~1e-6)
     torch.testing.assert_close(unchanged, plain, atol=1e-5, rtol=0)
 

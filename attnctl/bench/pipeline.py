@@ -33,6 +33,7 @@ from .overhead import QUICK, SIZES
 SETTINGS: dict[str, str] = {
     "baseline": "attnctl.bench.pipeline:baseline",
     "cfg": "attnctl.bench.pipeline:cfg",
+    "cfg+pag": "attnctl.bench.pag:cfg_pag", "cfg+pag[0-0.2]": "attnctl.bench.pag:cfg_pag_early",
 }
 
 PROMPT = "a red circle and a blue square"

@@ -15,6 +15,7 @@ VERBS = {
     "schema": "attnctl.cli.schema",
     "layers": "attnctl.cli.layers",
     "bench": "attnctl.cli.bench",
+    "hunt": "attnctl.cli.hunt",
     "eval": "attnctl.cli.eval",
     "train": "attnctl.cli.train",
 }

@@ -1,0 +1,39 @@
+"""``attnctl hunt RECIPE``: HeadHunter, a greedy search for the heads whose perturbation guides best."""
+
+from __future__ import annotations
+
+HELP = "greedy head search (HeadHunter) for a recipe's perturb control; writes the chosen heads as a recipe snippet"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML with a `controls: perturb:` block (its layers = candidates)")
+    parser.add_argument("--objective", default="shapes",
+                        help="shapes (ShapesBench detector score) or clip:MODEL (a CLIP id or folder)")
+    parser.add_argument("--rounds", type=int, default=2, help="greedy rounds (default 2)")
+    parser.add_argument("--top-k", type=int, default=1, help="heads added per round (default 1)")
+    parser.add_argument("--batch", type=int, default=8, help="candidates per pipeline call (default 8)")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="state/result file; an existing one resumes (default hunt-RECIPE.json)")
+    parser.add_argument("--snippet", default=None, help="also write the recipe snippet (YAML) to this path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set steps=10")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from ..hunt import hunt
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    json_path = args.json_path or f"hunt-{Path(args.recipe).stem}.json"
+    state = hunt(recipe, objective=args.objective, rounds=args.rounds, top_k=args.top_k, json_path=json_path,
+                 batch=args.batch, progress=None if args.quiet else print)
+    snippet = state.snippet or ""
+    if args.snippet:
+        Path(args.snippet).write_text(snippet)
+    print(f"chosen heads ({len(state.selected)}), baseline {state.baseline:.4f}, "
+          f"best per round {[round(r['best'], 4) for r in state.rounds]}; state in {json_path}")
+    print(snippet, end="")
+    return 0

@@ -1,0 +1,296 @@
+"""HeadHunter: greedy search for the attention heads whose perturbation guides best.
+
+HeadHunter (Ahn et al., NeurIPS 2025, arXiv 2506.10978; repo cvlab-kaist/HeadHunter): keep a set S of
+selected heads, initially empty. Each round, every candidate head h not in S is scored by generating the
+recipe's images with PAG on S + {h} and scoring them with an objective (the paper: PickScore); the top k
+candidates join S. After R rounds S is the answer (the repo's defaults: k = 3, 5 rounds, guidance scale 3).
+
+Here the candidates are the heads of the recipe's ``perturb`` layers (every self/joint/single-stream head
+when it names none), the guidance settings (scale, u, window, schedule, mode) are the recipe's, and the
+images are the recipe's (prompt, seed) items. Candidates share one pipeline call: ``batch`` candidates of
+one item run as ``batch`` samples of that item's seed, each sample with its own head set, so one denoiser
+call holds [uncond x batch, cond x batch, perturbed x batch]. Objectives are a registry (``OBJECTIVES``)
+of ``name -> "module:factory"``; a factory gets an optional argument (``clip:MODEL_ID``) and returns an
+object with ``score(images uint8 (N, H, W, 3), prompts) -> float64 (N,)`` (higher is better).
+
+The state is a JSON file rewritten atomically after every batch, so an interrupted hunt resumes where it
+stopped (same recipe and settings) and a finished one can be extended with more rounds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .controls.perturb import PERTURBABLE_KINDS, Perturb
+from .errors import AttnctlError, RecipeError, did_you_mean
+
+OBJECTIVES: dict[str, str] = {
+    "shapes": "attnctl.hunt:ShapesObjective",
+    "clip": "attnctl.hunt:ClipObjective",
+}
+
+Head = tuple[str, int]  # (site name, head index)
+
+
+# -- objectives --------------------------------------------------------------------------------------------
+class ShapesObjective:
+    """ShapesBench score: the fraction of the caption's objects the ShapesWorld detector finds (colour and
+    shape), plus 1 when all are present. Offline; meant for the ``shapes`` models."""
+
+    def __init__(self, argument: str | None = None):
+        if argument:
+            raise AttnctlError(f"objective 'shapes' takes no argument (got {argument!r})")
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        from .shapes.detect import detect
+        from .shapes.validate import match
+
+        scores = []
+        for image, prompt in zip(images, prompts):
+            result = match(prompt, detect(image))
+            scores.append(result.n_present / max(1, len(result.expected)) + float(result.all_present))
+        return np.asarray(scores, dtype=np.float64)
+
+
+class ClipObjective:
+    """CLIP score: 100 x cosine similarity of image and prompt embeddings of any CLIP model (hub id or local
+    folder; ``clip:openai/clip-vit-large-patch14``), loaded through transformers."""
+
+    def __init__(self, argument: str | None = None):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not argument:
+            raise AttnctlError("objective 'clip' needs a model id or folder: --objective clip:MODEL")
+        try:
+            self.model = CLIPModel.from_pretrained(argument).eval()
+            self.processor = CLIPProcessor.from_pretrained(argument)
+        except (OSError, ValueError) as exc:
+            raise AttnctlError(f"objective 'clip': cannot load CLIP model {argument!r}: {exc}") from None
+
+    @torch.no_grad()
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        inputs = self.processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True,
+                                truncation=True)
+        out = self.model(**inputs)
+        image = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
+        text = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
+        return (100.0 * (image * text).sum(-1)).numpy()
+
+
+def load_objective(spec: str):
+    """``NAME`` or ``NAME:ARGUMENT`` -> an objective instance."""
+    name, _, argument = spec.partition(":")
+    if name not in OBJECTIVES:
+        raise AttnctlError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; "
+                           f"allowed: {', '.join(OBJECTIVES)}")
+    module, attr = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), attr)(argument or None)
+
+
+# -- one batched generation with a head set per sample ---------------------------------------------------------
+class HeadSets(Perturb):
+    """``perturb`` whose perturbed rows take the head set of their sample: ``sets[k]`` for sample k."""
+
+    def __init__(self, options, candidates: list[Head]):
+        super().__init__(options)
+        self.candidates = candidates
+        self.sets: list[list[Head]] = []
+
+    def bind(self, session):
+        return {name: None for name in sorted({name for name, _ in self.candidates})}
+
+    @property
+    def active(self) -> bool:
+        return self.options.u > 0 and any(self.sets)
+
+    def row_strengths(self, call):
+        rows = call.layout.rows(self.branch)
+        if not rows:
+            return None
+        u = torch.zeros(call.q.shape[0], call.q.shape[1], dtype=call.q.dtype, device=call.q.device)
+        for r in rows:
+            for name, head in self.sets[call.layout.samples[r]]:
+                if name == call.site.name:
+                    u[r, head] = self.options.u
+        return u
+
+
+def candidate_heads(pipe, selectors: list[str] | None) -> list[Head]:
+    """Every (site, head) the selectors name among ``pipe``'s perturbable attention sites, in model order."""
+    from .adapters import adapter_for
+    from .select import select
+
+    adapter = adapter_for(pipe)
+    sites = [site for site, _ in adapter.sites(adapter.denoiser(pipe))]
+    chosen = select(sites, selectors, kinds=PERTURBABLE_KINDS)
+    heads = []
+    for site in sites:
+        if site.name in chosen:
+            heads += [(site.name, h) for h in (chosen[site.name] or range(site.heads))]
+    return heads
+
+
+def generate_sets(pipe, recipe, control: HeadSets, prompt: str, seed: int, sets: list[list[Head]]) -> np.ndarray:
+    """One pipeline call for ``prompt``: sample k from ``seed`` with PAG on ``sets[k]``. uint8 (K, H, W, 3).
+
+    Call inside ``apply(pipe, control)``. Each sample has its own generator seeded with ``seed``, so every
+    candidate starts from the same noise, as a separate run of that item would.
+    """
+    control.sets = sets
+    kwargs = dict(num_inference_steps=recipe.steps, guidance_scale=recipe.guidance_scale, output_type="np",
+                  generator=[torch.Generator("cpu").manual_seed(seed) for _ in sets])
+    if recipe.negative_prompt is not None:
+        kwargs["negative_prompt"] = [recipe.negative_prompt] * len(sets)
+    if recipe.height:
+        kwargs["height"] = recipe.height
+    if recipe.width:
+        kwargs["width"] = recipe.width
+    images = pipe([prompt] * len(sets), **kwargs).images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+# -- the search ------------------------------------------------------------------------------------------------
+def head_key(head: Head) -> str:
+    return f"{head[0]}:{head[1]}"
+
+
+def parse_key(key: str) -> Head:
+    name, _, head = key.rpartition(":")
+    return name, int(head)
+
+
+@dataclass
+class HuntState:
+    """What the JSON file holds. ``rounds``: finished rounds ({scores, chosen, best}); ``partial``: candidate
+    scores of the round under way."""
+
+    settings: dict
+    baseline: float | None = None
+    rounds: list[dict] = field(default_factory=list)
+    partial: dict[str, float] = field(default_factory=dict)
+    snippet: str | None = None  # the recipe snippet of the selected heads, once a round finished
+
+    @property
+    def selected(self) -> list[Head]:
+        return [parse_key(k) for r in self.rounds for k in r["chosen"]]
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "baseline": self.baseline, "rounds": self.rounds,
+                "partial": self.partial, "selected": [head_key(h) for h in self.selected]}
+
+    def save(self, path: Path, snippet: str | None = None) -> None:
+        if snippet is not None:
+            self.snippet = snippet
+        data = self.to_json()
+        if self.snippet is not None:
+            data["recipe_snippet"] = self.snippet
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+
+def load_state(path: Path, settings: dict) -> HuntState:
+    if not path.is_file():
+        return HuntState(settings)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AttnctlError(f"cannot resume from {path}: {exc}; remove it to start afresh") from None
+    if data.get("settings") != settings:
+        theirs = data.get("settings", {})
+        changed = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
+        raise AttnctlError(f"{path} holds a hunt with other settings ({', '.join(changed)} differ); "
+                           "use another --json path or remove the file")
+    return HuntState(settings, data.get("baseline"), data.get("rounds", []), data.get("partial", {}),
+                     data.get("recipe_snippet"))
+
+
+def recipe_snippet(options: dict, heads: list[Head]) -> str:
+    """The ``controls: perturb:`` block that perturbs ``heads`` with the hunt's guidance settings."""
+    import yaml
+
+    by_site: dict[str, list[int]] = {}
+    for name, head in heads:
+        by_site.setdefault(name, []).append(head)
+    layers = [f"{name}:heads={','.join(str(h) for h in sorted(hs))}" for name, hs in by_site.items()]
+    block = {k: v for k, v in options.items() if k not in ("layers", "targets")}
+    block["layers"] = layers
+    return yaml.safe_dump({"controls": {"perturb": block}}, sort_keys=False)
+
+
+def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, json_path: str | Path,
+         batch: int = 8, pipe=None, progress: Callable[[str], None] | None = print) -> HuntState:
+    """Run (or resume) a HeadHunter search for ``recipe`` (a validated ``Recipe`` with a ``perturb`` control).
+
+    Returns the state; the file at ``json_path`` holds it, with ``recipe_snippet`` once a round finished.
+    """
+    from .engine import apply
+    from .models import load
+    from .run import items_of, set_scheduler
+
+    if rounds < 1 or top_k < 1 or batch < 1:
+        raise AttnctlError(f"--rounds, --top-k and --batch must be >= 1 (got {rounds}, {top_k}, {batch})")
+    entry = recipe.controls.get("perturb")
+    if entry is None or isinstance(entry, list):
+        raise RecipeError("attnctl hunt needs a recipe with one `controls: perturb:` block (its layers are the "
+                          "candidate pool, its scale/u/window/mode the guidance); e.g. perturb: {scale: 3.0}")
+    options = Perturb.Options(**entry)
+    if options.targets is not None:
+        raise RecipeError("attnctl hunt: give the candidate layers as `perturb: layers:` (one u), not `targets`")
+    scorer = load_objective(objective)
+    pipe = pipe if pipe is not None else load(recipe.model, device=recipe.device, dtype=recipe.dtype)
+    set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
+    pipe.set_progress_bar_config(disable=True)
+    items = items_of(recipe)
+    guidance = options.model_dump(exclude={"layers", "targets"}, exclude_defaults=False)
+    settings = {"model": recipe.model, "items": [list(i) for i in items], "steps": recipe.steps,
+                "guidance_scale": recipe.guidance_scale, "size": [recipe.height, recipe.width],
+                "objective": objective, "top_k": top_k, "perturb": options.model_dump()}
+    path = Path(json_path)
+    state = load_state(path, settings)
+    say = progress or (lambda message: None)
+    control = HeadSets(options, candidate_heads(pipe, options.layers))
+
+    def score_sets(sets: list[list[Head]]) -> np.ndarray:
+        """Mean objective over the recipe's items for each head set: (len(sets),)."""
+        total = np.zeros(len(sets))
+        for prompt, seed in items:
+            images = generate_sets(pipe, recipe, control, prompt, seed, sets)
+            total += scorer.score(images, [prompt] * len(sets))
+        return total / len(items)
+
+    with apply(pipe, control):
+        if state.baseline is None:
+            state.baseline = float(score_sets([[]])[0])
+            state.save(path)
+        say(f"baseline (no perturbation): {state.baseline:.4f}; {len(control.candidates)} candidate heads, "
+            f"{len(items)} image(s) each")
+        for round_index in range(len(state.rounds), rounds):
+            selected = state.selected
+            pool = [h for h in control.candidates if h not in selected]
+            todo = [h for h in pool if head_key(h) not in state.partial]
+            for start in range(0, len(todo), batch):
+                chunk = todo[start : start + batch]
+                scores = score_sets([selected + [h] for h in chunk])
+                state.partial.update({head_key(h): float(s) for h, s in zip(chunk, scores)})
+                state.save(path)
+                say(f"round {round_index + 1}: scored {len(state.partial)}/{len(pool)} candidates")
+            if not state.partial:
+                say("no candidates left")
+                break
+            ranked = sorted(state.partial.items(), key=lambda kv: (-kv[1], kv[0]))
+            chosen = [k for k, _ in ranked[:top_k]]
+            state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1]})
+            state.partial = {}
+            state.save(path, recipe_snippet(guidance, state.selected))
+            say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f})")
+    state.save(path, recipe_snippet(guidance, state.selected))
+    return state

@@ -1,0 +1,114 @@
+"""HeadHunter (`attnctl hunt`): batched candidates equal separate runs, the objective registry (ShapesBench and a
+tiny random CLIP), resuming from the JSON state, and the recipe snippet."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from attnctl.cli import main
+from attnctl.controls.perturb import Perturb, PerturbOptions
+from attnctl.engine import apply
+from attnctl.errors import AttnctlError
+from attnctl.hunt import HeadSets, candidate_heads, load_objective
+from attnctl.recipe import load_recipe
+from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+
+MID = "mid_block.attentions.0.transformer_blocks.0.attn1"
+DOWN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+PROMPT = "a red circle"
+RECIPE = """model: tiny:sd15
+prompt: [a red circle]
+seeds: [0]
+steps: 2
+height: 32
+width: 32
+controls:
+  perturb: {scale: 2.0, layers: ["mid_block:heads=0-2"]}
+"""
+
+
+def test_candidates_in_one_batch_equal_separate_runs():
+    """Three candidate head sets as three samples of one call give each set's own single-image run."""
+    pipe = tiny_pipeline("sd15")
+    options = PerturbOptions(scale=2.0)
+    sets = [[(MID, 0)], [(MID, 3), (DOWN, 1)], []]
+    control = HeadSets(options, candidate_heads(pipe, [MID, DOWN]))
+    generators = [torch.Generator().manual_seed(0) for _ in sets]
+    with apply(pipe, control):
+        control.sets = sets
+        batched = pipe([PROMPT] * 3, **tiny_call_kwargs("sd15", generator=generators)).images
+    for k, heads in enumerate(sets):
+        layers = [f"{name}:heads={h}" for name, h in heads] or [MID]
+        with apply(pipe, Perturb(scale=2.0 if heads else 0.0, layers=layers)):
+            single = pipe(PROMPT, **tiny_call_kwargs("sd15")).images
+        assert (batched[k] - single[0]).abs().max() <= 1e-4
+    assert (batched[0] - batched[1]).abs().max() > 1e-3
+
+
+def test_objectives_registry(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from attnctl.tokenizers import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(tokenizer) - 2,
+                         eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                     crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    images = torch.randint(0, 256, (3, 32, 32, 3), generator=torch.Generator().manual_seed(0)).numpy()
+    images = images.astype("uint8")
+    clip = load_objective(f"clip:{tmp_path / 'clip'}")
+    scores = clip.score(images, ["a red circle", "a blue square", "a red circle"])
+    assert scores.shape == (3,) and abs(scores).max() <= 100 and len(set(scores.round(6))) == 3
+    shapes = load_objective("shapes").score(images, ["a red circle"] * 3)
+    assert shapes.shape == (3,) and ((shapes >= 0) & (shapes <= 2)).all()
+    with pytest.raises(AttnctlError, match=r"unknown objective 'clp'.*did you mean 'clip'"):
+        load_objective("clp")
+    with pytest.raises(AttnctlError, match="cannot load CLIP model"):
+        load_objective(f"clip:{tmp_path / 'missing'}")
+
+
+def test_hunt_rounds_resume_and_snippet(tmp_path, capsys):
+    recipe = tmp_path / "hunt.yaml"
+    recipe.write_text(RECIPE)
+    state_path = tmp_path / "state.json"
+    args = ["hunt", str(recipe), "--objective", "shapes", "--top-k", "1", "--batch", "2", "--json", str(state_path),
+            "--quiet"]
+    assert main(args + ["--rounds", "1"]) == 0
+    first = json.loads(state_path.read_text())
+    assert len(first["rounds"]) == 1 and set(first["rounds"][0]["scores"]) == {f"{MID}:{h}" for h in range(3)}
+    # A round left half-done resumes from its scores: a planted score is kept, not recomputed, and wins.
+    other = next(f"{MID}:{h}" for h in range(3) if f"{MID}:{h}" not in first["selected"])
+    planted = dict(first, partial={other: 99.0})
+    state_path.write_text(json.dumps(planted))
+    assert main(args + ["--rounds", "2", "--snippet", str(tmp_path / "snippet.yaml")]) == 0
+    second = json.loads(state_path.read_text())
+    assert second["rounds"][0] == first["rounds"][0]
+    assert second["rounds"][1]["chosen"] == list(planted["partial"]) and second["rounds"][1]["best"] == 99.0
+    assert len(second["rounds"][1]["scores"]) == 2 and second["partial"] == {}
+    snippet = yaml.safe_load((tmp_path / "snippet.yaml").read_text())
+    heads = sorted(int(k.rsplit(":", 1)[1]) for k in second["selected"])
+    assert snippet["controls"]["perturb"]["layers"] == [f"{MID}:heads={','.join(map(str, heads))}"]
+    runnable = load_recipe({**yaml.safe_load(RECIPE), **snippet})
+    assert runnable.controls["perturb"]["scale"] == 2.0
+    assert "chosen heads (2)" in capsys.readouterr().out
+    # Other settings with the same state file: an error, not silent mixing.
+    assert main(args + ["--rounds", "2", "--set", "steps=3"]) == 2
+    assert "other settings (steps differ)" in capsys.readouterr().err
+
+
+def test_hunt_needs_a_perturb_block(tmp_path, capsys):
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text(RECIPE.split("controls:")[0])
+    assert main(["hunt", str(recipe), "--json", str(tmp_path / "s.json")]) == 2
+    assert "needs a recipe with one `controls: perturb:` block" in capsys.readouterr().err
