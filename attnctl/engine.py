@@ -120,11 +120,17 @@ class AttentionCall:
         return [self.text.start + p for p in self.session.text_positions(sample, phrase)]
 
     def add_bias(self, bias: torch.Tensor) -> None:
-        """Add to the pre-softmax scores; ``bias`` broadcasts to (B, H, Sq, Sk) (a (Sk,) bias is per key)."""
+        """Add to the pre-softmax scores; ``bias`` broadcasts to (B, H, Sq, Sk) (a (Sk,) bias is per key).
+        A boolean bias (or an existing boolean attention mask) means True = may attend, i.e. 0 / -inf."""
         while bias.ndim < 4:
             bias = bias.unsqueeze(0)
-        bias = bias.to(self.q.dtype)
-        self.bias = bias if self.bias is None else self.bias + bias
+        bias = self._additive(bias)
+        self.bias = bias if self.bias is None else self._additive(self.bias) + bias
+
+    def _additive(self, bias: torch.Tensor) -> torch.Tensor:
+        if bias.dtype == torch.bool:
+            return torch.zeros(bias.shape, dtype=self.q.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+        return bias.to(self.q.dtype)
 
     def perturb(self, u: torch.Tensor, mode: str = "full") -> None:
         """Move each (row, head) map towards identity by ``u`` (B, H) in [0, 1]. Strengths from several controls
