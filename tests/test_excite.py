@@ -294,3 +294,17 @@ def test_one_subject_list_per_prompt():
     with pytest.raises(ControlError, match="2 lists but the call has 1 prompts"):
         with apply(pipe, Excite(subjects=SUBJECTS)):
             pipe(PROMPTS[0], **tiny_call_kwargs("sd15"))
+
+
+def test_auto_subjects_are_the_shape_nouns_of_a_caption():
+    pipe = tiny_pipeline("sd15")
+    control = Excite(subjects="auto", thresholds={})
+    with apply(pipe, control) as session:
+        pipe(["a red circle and a blue circle", "a green star, a red square and a blue triangle"],
+             **tiny_call_kwargs("sd15"))
+    images = session.last_run()["controls"]["excite"]["images"]
+    assert [image["subjects"] for image in images] == [["circle", "circle#2"], ["star", "square", "triangle"]]
+    with pytest.raises(ControlError, match="not one .* list the words instead"):
+        with apply(pipe, Excite(subjects="auto")):
+            pipe("a cat and a dog", **tiny_call_kwargs("sd15"))
+    assert Excite(subjects="cat").options.subjects == ["cat"]

@@ -52,15 +52,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from ..attention import key_probabilities
-from ..errors import ControlError, TokenError
+from ..errors import AttnctlError, ControlError, TokenError
 from ..select import select
 from .base import Control, StepWindow, StrictOptions, register
 
 
 class ExciteOptions(StrictOptions):
-    subjects: list[str] | list[list[str]] = Field(
+    subjects: Literal["auto"] | list[str] | list[list[str]] = Field(
         description="Words or phrases of the prompt to excite ('cat', 'red circle', 'cat#2' for the second 'cat'); "
-                    "or one list per prompt of the call.")
+                    "one list per prompt of the call; or auto: the shape nouns of ShapesWorld captions.")
     window: StepWindow = Field(default_factory=lambda: StepWindow(start=0.0, stop=0.5),
                                description="Altered part of the schedule (paper: first 25 of 50 steps).")
     scale_factor: float = Field(20.0, gt=0.0, description="Step size scale (paper: 20).")
@@ -87,9 +87,16 @@ class ExciteOptions(StrictOptions):
     layers: list[str] | None = Field(None, description="Layer selectors for the loss (default: all with text).")
     early_stop: bool = Field(True, description="Stop the gradient forward after the last layer the loss reads.")
 
+    @field_validator("subjects", mode="before")
+    @classmethod
+    def _one_word(cls, value):
+        return [value] if isinstance(value, str) and value != "auto" else value
+
     @field_validator("subjects")
     @classmethod
     def _subjects(cls, value):
+        if value == "auto":
+            return value
         lists = value if value and isinstance(value[0], list) else [value]
         if not value or any(not group for group in lists):
             raise ValueError("give at least one subject: a word or phrase of the prompt, e.g. subjects: [cat, dog]")
@@ -219,7 +226,7 @@ class Excite(Control):
         self._grid = None
         if session.prompts:  # fail before any denoising when a subject is not in a prompt
             subjects = self.options.subjects
-            if subjects and isinstance(subjects[0], list) and len(subjects) != len(session.prompts):
+            if isinstance(subjects[0], list) and len(subjects) != len(session.prompts):
                 raise ControlError(f"excite.subjects has {len(subjects)} lists but the call has "
                                    f"{len(session.prompts)} prompts; give one list per prompt or one shared list")
             for p in range(len(session.prompts)):
@@ -227,6 +234,8 @@ class Excite(Control):
 
     def _subjects_of(self, sample: int) -> list[str]:
         subjects = self.options.subjects
+        if subjects == "auto":
+            return caption_subjects(self._session.prompt_of(sample))
         if subjects and isinstance(subjects[0], list):
             return list(subjects[sample // self._session.images_per_prompt])
         return list(subjects)
@@ -425,6 +434,24 @@ class Excite(Control):
             return out
 
         call.then(read)
+
+
+def caption_subjects(prompt: str) -> list[str]:
+    """``subjects: auto``: the shape nouns of a ShapesWorld caption in order, a repeated noun as ``noun#n``."""
+    from ..shapes.data import parse_caption
+
+    try:
+        objects = parse_caption(prompt)
+    except AttnctlError as exc:
+        raise ControlError(f"excite.subjects = auto names the shapes of ShapesWorld captions (the shapes models), "
+                           f"but {prompt!r} is not one ({exc}); list the words instead, e.g. subjects: [cat, dog]"
+                           ) from None
+    seen: dict[str, int] = {}
+    out = []
+    for obj in objects:
+        seen[obj["shape"]] = seen.get(obj["shape"], 0) + 1
+        out.append(obj["shape"] if seen[obj["shape"]] == 1 else f"{obj['shape']}#{seen[obj['shape']]}")
+    return out
 
 
 def _prompt_tokens(session, sample: int) -> list[int]:
