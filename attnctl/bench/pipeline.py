@@ -33,6 +33,8 @@ from .overhead import QUICK, SIZES
 SETTINGS: dict[str, str] = {
     "baseline": "attnctl.bench.pipeline:baseline",
     "cfg": "attnctl.bench.pipeline:cfg",
+    "cfg+excite": "attnctl.bench.excite:cfg_excite",
+    "diffusers-excite": "attnctl.bench.excite:diffusers_excite",
 }
 
 PROMPT = "a red circle and a blue square"
