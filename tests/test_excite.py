@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from attnctl.controls.excite import Excite, smooth_max, smoothing_kernel
+from attnctl.controls.excite import Excite, auto_grid, smooth_max, smoothing_kernel
 from attnctl.engine import apply
 from attnctl.errors import ControlError, TokenError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
@@ -178,6 +178,15 @@ def test_prompt_token_softmax_is_the_official_end_token_slice():
             _close(losses[mode], ref_loss, 1e-5)
             _close(evaluations[0][3][0], ref_grad[0], 1e-5)
     assert abs(losses["prompt"] - losses["padded"]) > 0.1
+
+
+def test_auto_grid():
+    square = lambda *sides: [(n, n) for n in sides]  # noqa: E731
+    assert auto_grid((64, 64), square(64, 32, 16, 8)) == (16, 16)  # SD at 512 px: the paper's 16x16
+    assert auto_grid((128, 128), square(64, 32)) == (32, 32)  # SDXL at 1024 px
+    assert auto_grid((16, 16), square(8, 4)) == (8, 8)  # the 64 px shapes model: 4x4 cannot localise
+    assert auto_grid((96, 64), [(48, 32), (24, 16), (12, 8)]) == (24, 16)  # non-square: by the longer side
+    assert auto_grid((64, 64), [(32, 32)]) == (32, 32)  # a DiT's one grid
 
 
 def test_smoothing_kernel_and_max():

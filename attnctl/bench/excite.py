@@ -70,7 +70,9 @@ def diffusers_excite(ctx) -> Callable[[], object]:
 
 def _grid_side(ctx) -> int:
     """The grid ``resolution: auto`` picks at the benchmark size, among the UNet's cross-attention levels."""
+    from ..controls.excite import auto_grid
+
     latent = ctx.height // ctx.pipe.vae_scale_factor
     blocks = ctx.pipe.unet.config.down_block_types
     sides = [latent // 2**i for i, kind in enumerate(blocks) if "CrossAttn" in kind]
-    return min(sides, key=lambda s: (abs(math.log(s / (latent / 4))), -s))
+    return auto_grid((latent, latent), [(s, s) for s in sides])[0]

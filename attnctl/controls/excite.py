@@ -81,9 +81,10 @@ class ExciteOptions(StrictOptions):
         "prompt", description="prompt: the prompt's real tokens; padded: every text position but the first and the "
                               "last, as diffusers' pipeline and the official SD1.4 code do.")
     resolution: Literal["auto"] | int | tuple[int, int] = Field(
-        "auto", description="Attention grid of the loss: auto (SD/SDXL: the grid nearest 1/4 of the latent side, "
-                            "16x16 at 512 px and 32x32 for SDXL at 1024 px; SD3/FLUX: their one token grid), a side n "
-                            "(the grid whose longer side is n), or [h, w].")
+        "auto", description="Attention grid of the loss: auto (SD/SDXL: the grid nearest 1/4 of the latent side but "
+                            "at least min(16, 1/2 of it): 16x16 at 512 px, 32x32 for SDXL at 1024 px, 8x8 on the "
+                            "64 px shapes model; SD3/FLUX: their one token grid), a side n (the grid whose longer "
+                            "side is n), or [h, w].")
     layers: list[str] | None = Field(None, description="Layer selectors for the loss (default: all with text).")
     early_stop: bool = Field(True, description="Stop the gradient forward after the last layer the loss reads.")
 
@@ -392,11 +393,7 @@ class Excite(Control):
             raise ControlError("excite found no attention layer with text tokens in the chosen layers")
         wanted = self.options.resolution
         if wanted == "auto":
-            if len(available) == 1:
-                grid = available[0]
-            else:  # SD at 512 px: 64x64 latents -> 16x16 (the paper); SDXL at 1024 px -> 32x32
-                target = max(latent_hw) / 4
-                grid = min(available, key=lambda g: (abs(math.log(max(g) / target)), -max(g)))
+            grid = auto_grid(latent_hw, available)
         else:
             matches = [g for g in available if (g == tuple(wanted) if isinstance(wanted, tuple) else max(g) == wanted)]
             if not matches:
@@ -434,6 +431,20 @@ class Excite(Control):
             return out
 
         call.then(read)
+
+
+def auto_grid(latent_hw: tuple[int, int], available: list[tuple[int, int]]) -> tuple[int, int]:
+    """``resolution: auto``: the one grid of a DiT, else the grid nearest ``max(side / 4, min(16, side / 2))``.
+
+    The paper's grid is 1/4 of the latent side (SD at 512 px: 16x16; SDXL at 1024 px: 32x32), but never coarser
+    than it needs: below ~8 cells a side the max no longer tells a drawn subject from a neglected one (shapes
+    model, 16x16 latents: at 4x4 both peak at 0.24 on average; at 8x8, 0.52 drawn vs 0.25 neglected).
+    """
+    if len(available) == 1:
+        return available[0]
+    side = max(latent_hw)
+    target = max(side / 4, min(16, side / 2))
+    return min(available, key=lambda g: (abs(math.log(max(g) / target)), -max(g)))
 
 
 def caption_subjects(prompt: str) -> list[str]:
