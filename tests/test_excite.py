@@ -307,12 +307,13 @@ def test_one_subject_list_per_prompt():
 
 def test_auto_subjects_are_the_shape_nouns_of_a_caption():
     pipe = tiny_pipeline("sd15")
-    control = Excite(subjects="auto", thresholds={})
+    control = Excite(subjects="auto", thresholds={0.0: 0.99}, max_refinement_steps=2)  # 2 and 3 subjects refine
     with apply(pipe, control) as session:
         pipe(["a red circle and a blue circle", "a green star, a red square and a blue triangle"],
              **tiny_call_kwargs("sd15"))
     images = session.last_run()["controls"]["excite"]["images"]
     assert [image["subjects"] for image in images] == [["circle", "circle#2"], ["star", "square", "triangle"]]
+    assert [image["refinement_iterations"] for image in images] == [2, 2]
     with pytest.raises(ControlError, match="not one .* list the words instead"):
         with apply(pipe, Excite(subjects="auto")):
             pipe("a cat and a dog", **tiny_call_kwargs("sd15"))

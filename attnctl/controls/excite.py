@@ -324,6 +324,7 @@ class Excite(Control):
                 z[active] = z[active] - alpha * grad[active]
                 before = [float(losses[r]) for r in active]
                 sub_losses, sub_maxima, sub_grad = self._evaluate(update, z[active], active)
+                sub_maxima = F.pad(sub_maxima, (0, maxima.shape[1] - sub_maxima.shape[1]))  # fewer subjects
                 losses[active], maxima[active], grad[active] = sub_losses, sub_maxima, sub_grad
                 active = [r for r, b in zip(active, before) if b > target and iterations[r] < opts.max_refinement_steps]
         z = z - alpha * grad
