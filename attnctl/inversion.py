@@ -22,7 +22,11 @@ shift the latents, FLUX packs them into 2x2 tokens).
 Quality fix under classifier-free guidance (``fix``): inversion follows the conditional prediction, but
 regeneration with CFG w > 1 drifts away from it. ``negative-prompt`` (Miyake et al. 2023, "Negative-prompt
 Inversion") regenerates with the source prompt as the negative prompt: the source row's guided prediction then
-equals the conditional one exactly, so the path inverts. ``none`` keeps the user's negative prompt (no fix).
+equals the conditional one exactly, so the path inverts. Only rows whose prompt is the inverted prompt get it;
+other rows (an edit's targets) keep ordinary CFG with the caller's negative prompt (default empty). Negative-prompt
+Inversion also gives the targets the source prompt as negative; on ShapesWorld that extrapolates away from the
+source's shape too (a red circle edited to blue came out as blue star fragments; with the empty negative it came
+out a blue circle in the source's box). ``none`` keeps the user's negative prompt (no fix).
 Guidance-distilled FLUX has no CFG batch and needs no fix.
 
 Image input: PIL images, uint8 arrays (H, W, 3) or float arrays / tensors in [0, 1]. Any PIL mode is converted
@@ -75,7 +79,10 @@ class Inversion:
                       height=self.height, width=self.width,
                       latents=self.latents.expand(len(prompts), *self.latents.shape[1:]).clone())
         if self.fix == "negative-prompt" and self.guidance_scale > 1:
-            kwargs["negative_prompt"] = [self.prompt] * len(prompts)
+            other = kwargs.pop("negative_prompt", None) or ""
+            if not isinstance(other, str):
+                raise ControlError("inversion: give one negative prompt string for the rows other than the source")
+            kwargs["negative_prompt"] = [self.prompt if p == self.prompt else other for p in prompts]
         return kwargs
 
     @contextlib.contextmanager
