@@ -68,8 +68,9 @@ def edit(pipe, source_prompt: str, target_prompt: str, *, image=None, seed: int 
     inversion = None
     scheduler = None
     if image is not None:
-        inversion = invert(pipe, image, source_prompt, steps, guidance_scale=guidance_scale, height=height,
-                           width=width, **(inversion_options or {}), **call_kwargs)
+        with control.suspended():  # inside `attnctl run` the control is already applied
+            inversion = invert(pipe, image, source_prompt, steps, guidance_scale=guidance_scale, height=height,
+                               width=width, **(inversion_options or {}), **call_kwargs)
         kwargs = inversion.generate_kwargs(prompts)
         scheduler = inversion.scheduler
     else:

@@ -3,6 +3,12 @@
 Every run gets a fresh folder (never overwritten). After each image the folder is consistent: the PNG (with
 the recipe, prompt and seed in its text metadata) and a ``run.json`` written atomically, so Ctrl-C or an error
 leaves the finished images and a valid ``run.json`` (``status`` says how the run ended).
+
+A control may generate an item itself (an edit needs source and target rows in one call): if it has
+``generate_item(pipe, prompt, seed, kwargs) -> dict | None``, it is called inside the run's ``apply`` with the
+call's keyword arguments instead of ``pipe(prompt, **kwargs)``, and returns ``{"image": PIL image,
+"extra": {name: PIL image or None}, "info": {...}}``; extra images are saved as ``<stem>_<name>.png`` and listed
+under ``files`` in the image's ``run.json`` entry, ``info`` under ``info``. ``None`` falls back to the plain call.
 """
 
 from __future__ import annotations
@@ -106,7 +112,9 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                 if recipe.width:
                     kwargs["width"] = recipe.width
                 start = time.perf_counter()
-                image = pipe(prompt, **kwargs).images[0]
+                item = next((made for c in controls if hasattr(c, "generate_item")
+                             for made in [c.generate_item(pipe, prompt, seed, kwargs)] if made is not None), None)
+                image = pipe(prompt, **kwargs).images[0] if item is None else item["image"]
                 seconds = time.perf_counter() - start
                 info = PngInfo()
                 info.add_text("attnctl:recipe", recipe_text)
@@ -116,6 +124,12 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                 image.save(folder / f"{stem}.png", pnginfo=info)
                 entry = {"file": f"{stem}.png", "prompt": prompt, "seed": seed, "seconds": round(seconds, 4),
                          "diagnostics": session.last_run().get("controls", {})}
+                if item is not None:
+                    entry["files"], entry["info"] = {}, item.get("info", {})
+                    for extra_name, extra in item.get("extra", {}).items():
+                        if extra is not None:
+                            extra.save(folder / f"{stem}_{extra_name}.png", pnginfo=info)
+                            entry["files"][extra_name] = f"{stem}_{extra_name}.png"
                 if recipe.save_maps:
                     for control in controls:
                         if isinstance(control, Maps):

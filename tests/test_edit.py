@@ -189,3 +189,26 @@ def test_shapes_real_image_edit(shapes):
     assert psnr(np.asarray(image), np.asarray(result.source)) >= 28.0
     (tgt,) = _detect(result.target)
     assert tgt.colour == "blue" and _iou(tgt.box, (0.3, 0.3, 0.7, 0.7)) >= 0.7
+
+
+def test_run_writes_source_target_and_mask(tmp_path, shapes):
+    import json
+
+    from PIL import Image
+
+    from attnctl.recipe import load_recipe
+    from attnctl.run import run_recipe
+    from attnctl.shapes.data import ShapeObject, Scene, render
+
+    render(Scene((ShapeObject("green", "square", (0.2, 0.2, 0.6, 0.6)),), "")).save(tmp_path / "real.png")
+    for extra in ({}, {"image": str(tmp_path / "real.png")}):
+        recipe = load_recipe({"model": "shapes", "prompt": "a green square", "steps": 4, "guidance_scale": 4.5,
+                              "controls": {"edit": {"target": "a green circle", "blend": {}, **extra}}})
+        folder = run_recipe(recipe, out=tmp_path / "runs", progress=False, pipe=shapes)
+        (entry,) = json.loads((folder / "run.json").read_text())["images"]
+        assert set(entry["files"]) == {"source", "mask"} and entry["info"]["target_prompt"] == "a green circle"
+        assert Image.open(folder / entry["files"]["mask"]).mode == "L"
+        assert "edit" in entry["diagnostics"] and entry["diagnostics"]["edit"]["pairs"] == [[0, 1]]
+    missing = load_recipe({"model": "shapes", "prompt": "a green square", "steps": 2, "controls": {"edit": {}}})
+    with pytest.raises(ControlError, match="controls.edit.target"):
+        run_recipe(missing, out=tmp_path / "runs", progress=False, pipe=shapes)

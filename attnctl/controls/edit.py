@@ -34,6 +34,7 @@ changed. Masks per target sample are kept in ``masks`` ({sample: (h, w) float te
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -94,6 +95,8 @@ class EditOptions(StrictOptions):
     self_attention: SelfOptions = Field(default_factory=SelfOptions)
     joint: JointOptions = Field(default_factory=JointOptions)
     blend: BlendOptions | None = None
+    target: str | None = Field(None, description="attnctl run: the target prompt each recipe prompt is edited to.")
+    image: str | None = Field(None, description="attnctl run: a real source image file, inverted under the prompt.")
     pairs: Literal["first", "pairs"] = "first"
     branches: list[str] = Field(default_factory=lambda: ["cond"], min_length=1)
 
@@ -142,6 +145,17 @@ class Edit(Control):
         if self.user_mask is not None and self.user_mask.ndim != 2:
             raise ControlError(f"mask: expected a (H, W) array, got shape {tuple(self.user_mask.shape)}")
         self.masks: dict[int, torch.Tensor] = {}
+        self._suspended = False
+        self._pairs: list[tuple[int, int]] = []
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Pipeline calls in this block run as if the control were absent (e.g. inverting the source image)."""
+        previous, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = previous
 
     # -- set-up ------------------------------------------------------------------------------------------
     def bind(self, session):
@@ -173,7 +187,9 @@ class Edit(Control):
 
     def on_call_start(self, session):
         opts = self.options
-        self.masks = {}
+        self.masks, self._pairs = {}, []
+        if self._suspended:
+            return
         self._sums: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
         self._alignments: dict[tuple[int, int, int], Alignment] = {}
         self._blend_words: dict[int, list[str]] = {}
@@ -244,6 +260,8 @@ class Edit(Control):
         return out
 
     def on_attention(self, call):
+        if not self._pairs:
+            return
         name, progress = call.site.name, call.step.progress
         pairs = self._row_pairs(call.layout)
         if name in self._blend_sites:
@@ -399,7 +417,7 @@ class Edit(Control):
 
     def after_step(self, step, latents):
         opts = self.options.blend
-        if opts is None or not opts.window.contains(step.progress):
+        if opts is None or not self._pairs or not opts.window.contains(step.progress):
             return None
         changed = False
         for s, t in self._pairs:
@@ -412,6 +430,24 @@ class Edit(Control):
                 latents, changed = latents.clone(), True
             latents[t] = latents[s] + m * (latents[t] - latents[s])
         return latents if changed else None
+
+    # -- attnctl run: one item = one edit ---------------------------------------------------------------
+    def generate_item(self, pipe, prompt: str, seed: int, kwargs: dict) -> dict:
+        """Edit ``prompt`` (the source) to ``options.target`` inside the run's ``apply``: target image, plus the
+        source and the blend mask as extra images."""
+        from ..editing import edit
+
+        if not self.options.target:
+            raise ControlError("controls.edit.target: give the target prompt each recipe prompt is edited to")
+        call = dict(kwargs)
+        call.pop("generator", None)
+        result = edit(pipe, prompt, self.options.target, image=self.options.image, seed=seed,
+                      steps=call.pop("num_inference_steps"), guidance_scale=call.pop("guidance_scale"),
+                      height=call.pop("height", None), width=call.pop("width", None), options=self,
+                      apply_controls=False, **call)
+        return {"image": result.target, "extra": {"source": result.source, "mask": result.mask_image()},
+                "info": {"source_prompt": prompt, "target_prompt": self.options.target,
+                         "source_image": self.options.image}}
 
     def on_call_end(self, session):
         for s, t in getattr(self, "_pairs", []):
