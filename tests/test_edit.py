@@ -212,3 +212,22 @@ def test_run_writes_source_target_and_mask(tmp_path, shapes):
     missing = load_recipe({"model": "shapes", "prompt": "a green square", "steps": 2, "controls": {"edit": {}}})
     with pytest.raises(ControlError, match="controls.edit.target"):
         run_recipe(missing, out=tmp_path / "runs", progress=False, pipe=shapes)
+
+
+def test_edit_eval_suite_smoke(tmp_path, shapes):
+    from attnctl.evals import run_eval
+
+    prompts = tmp_path / "edits.txt"
+    prompts.write_text("# source -> target\na red circle -> a blue circle\na green square -> a green star\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 4\nprompt: x\ncontrols:\n  edit: {target: unused, blend: {words: [unused]}}\n")
+    report = run_eval("edit", recipe=str(recipe), prompts=str(prompts), seeds=1, pipe=shapes, progress=False,
+                      json_path=str(tmp_path / "edit.json"))
+    assert report["n"] == 2 and set(report["delta_ci95"]) <= {"edit_success", "box_iou", "background_psnr"}
+    row = report["rows"][0]
+    assert row["info"]["kind"] == "colour" and report["rows"][1]["info"]["kind"] == "shape"
+    for key in ("baseline", "controlled"):
+        assert row[key]["edit_success"] in (0.0, 1.0) and row[key]["background_psnr"] > 10
+    with pytest.raises(Exception, match="source -> target"):
+        prompts.write_text("a red circle\n")
+        run_eval("edit", prompts=str(prompts), seeds=1, pipe=shapes, progress=False)
