@@ -111,7 +111,7 @@ def test_errors_name_the_problem():
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
 def test_user_mask_of_zeros_keeps_the_source_everywhere(family):
     pipe = tiny_pipeline(family)
-    control = Edit(blend={}, mask=np.zeros((32, 32), np.float32))
+    control = Edit(mask=np.zeros((32, 32), np.float32))  # a mask alone turns the blend on
     with apply(pipe, control):
         out = pipe(PAIR, **_kwargs(family, PAIR)).images
     torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=0)

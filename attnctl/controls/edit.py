@@ -28,6 +28,7 @@ latent, see ``attnctl.editing``). Inside the windows below the target row takes 
   thresholded (0.3, as P2P and Shin et al.), source and target unioned;
   or a user mask (``mask``: an image path, white = editable; or an array passed as ``Edit(..., mask=array)``).
 
+Layer selectors choose whole layers (a ``:heads=`` part is ignored: edits act on every head).
 Only the rows of ``branches`` (default the conditional rows, as P2P) are coupled; the source rows are never
 changed. Masks per target sample are kept in ``masks`` ({sample: (h, w) float tensor in [0, 1]}).
 """
@@ -144,6 +145,8 @@ class Edit(Control):
             self.user_mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         if self.user_mask is not None and self.user_mask.ndim != 2:
             raise ControlError(f"mask: expected a (H, W) array, got shape {tuple(self.user_mask.shape)}")
+        if self.user_mask is not None and self.options.blend is None:  # a mask means: blend with it
+            self.options = self.options.model_copy(update={"blend": BlendOptions()})
         self.masks: dict[int, torch.Tensor] = {}
         self._suspended = False
         self._pairs: list[tuple[int, int]] = []
