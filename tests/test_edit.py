@@ -231,3 +231,13 @@ def test_edit_eval_suite_smoke(tmp_path, shapes):
     with pytest.raises(Exception, match="source -> target"):
         prompts.write_text("a red circle\n")
         run_eval("edit", prompts=str(prompts), seeds=1, pipe=shapes, progress=False)
+
+
+def test_builtin_edits_change_exactly_one_attribute():
+    from attnctl.evals.edit import builtin_edits
+
+    edits = builtin_edits()
+    assert len(edits) >= 40 and len(set(edits)) == len(edits)
+    for source, target in edits:
+        changed = [a != b for a, b in zip(source.split(), target.split())]
+        assert sum(changed) == 1, (source, target)

@@ -32,8 +32,9 @@ def builtin_edits() -> list[tuple[str, str]]:
     for i, colour in enumerate(colours):
         for j, shape in enumerate(shapes):
             source = f"a {colour} {shape}"
-            out.append((source, f"a {colours[(i + 1 + j) % len(colours)]} {shape}"))
-            out.append((source, f"a {colour} {shapes[(j + 1 + i) % len(shapes)]}"))
+            # offsets 1..5 and 1..3: never the source's own colour or shape
+            out.append((source, f"a {colours[(i + 1 + j % (len(colours) - 1)) % len(colours)]} {shape}"))
+            out.append((source, f"a {colour} {shapes[(j + 1 + i % (len(shapes) - 1)) % len(shapes)]}"))
     return out
 
 
