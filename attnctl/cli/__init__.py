@@ -16,6 +16,7 @@ VERBS = {
     "layers": "attnctl.cli.layers",
     "bench": "attnctl.cli.bench",
     "eval": "attnctl.cli.eval",
+    "train": "attnctl.cli.train",
 }
 
 
