@@ -10,6 +10,12 @@ PNG (with the item's own recipe, prompt and seed in its text metadata, enough to
 Scale-out: under ``accelerate launch --num_processes N --multi_gpu -m attnctl run RECIPE`` (also on CPU) each
 process takes the items ``i`` with ``i % N == rank``; process 0 makes the folder and, at the end, gathers every
 process's records into the one ``run.json``.
+
+A control may generate an item itself (an edit needs source and target rows in one call): if it has
+``generate_item(pipe, prompt, seed, kwargs) -> dict | None``, it is called inside the item's ``apply`` with the
+call's keyword arguments instead of ``pipe(prompt, **kwargs)``, and returns ``{"image": PIL image,
+"extra": {name: PIL image or None}, "info": {...}}``; extra images are saved as ``<stem>_<name>.png`` and listed
+under ``files`` in the item's ``run.json`` entry, ``info`` under ``info``. ``None`` falls back to the plain call.
 """
 
 from __future__ import annotations
@@ -239,7 +245,9 @@ def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, fold
         kwargs["width"] = recipe.width
     start = time.perf_counter()
     with apply(pipe, controls) as session:
-        image = pipe(item.prompt, **kwargs).images[0]
+        made = next((m for c in controls if hasattr(c, "generate_item")
+                     for m in [c.generate_item(pipe, item.prompt, item.seed, kwargs)] if m is not None), None)
+        image = pipe(item.prompt, **kwargs).images[0] if made is None else made["image"]
         diagnostics = session.last_run().get("controls", {})
     seconds = time.perf_counter() - start
     info = PngInfo()
@@ -249,6 +257,12 @@ def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, fold
     image.save(folder / f"{item.stem}.png", pnginfo=info)
     entry = {"index": item.index, "file": f"{item.stem}.png", "prompt": item.prompt, "seed": item.seed,
              "seconds": round(seconds, 4), "diagnostics": diagnostics}
+    if made is not None:
+        entry["files"], entry["info"] = {}, made.get("info", {})
+        for name, extra in made.get("extra", {}).items():
+            if extra is not None:
+                extra.save(folder / f"{item.stem}_{name}.png", pnginfo=info)
+                entry["files"][name] = f"{item.stem}_{name}.png"
     if item.values:
         entry["setting"] = item.setting
         entry["values"] = dict(item.values)

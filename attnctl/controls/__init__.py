@@ -8,6 +8,7 @@ _MODULES = (
     "perturb",
     "regions",
     "excite",
+    "edit",
 )
 
 
