@@ -3,7 +3,7 @@
 from .base import CONTROLS, Control, StepWindow, control_class, register
 
 # Registry: one line per control module. A new control adds its file and one line here.
-_MODULES = ("maps",)
+_MODULES = ("maps", "interpolate")
 
 
 def _load_all() -> None:
