@@ -1,5 +1,9 @@
 """Recipe -> images + ``run.json`` in a new run folder. The CLI, the app and tests all call ``run_recipe``.
 
+A control with a ``generate_item(pipe, prompts, seed, call_kwargs) -> dict`` method (e.g. ``interpolate``) makes
+each seed one item holding all prompts: it runs the pipeline itself and returns ``images`` [(name, PIL image)],
+``files`` {name: bytes} and ``metadata`` (stored in the item's run.json entry under the control's name).
+
 Every run gets a fresh folder (never overwritten). After each image the folder is consistent: the PNG (with
 the recipe, prompt and seed in its text metadata) and a ``run.json`` written atomically, so Ctrl-C or an error
 leaves the finished images and a valid ``run.json`` (``status`` says how the run ended).
@@ -74,6 +78,24 @@ def set_scheduler(pipe, name: str | None, options: dict) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
 
 
+def _save_item(folder: Path, stem: str, item: dict, recipe_text: str, prompt, seed: int) -> dict:
+    """Write what a generating control returned: ``images`` [(name, PIL image)] as PNGs with the recipe in their
+    metadata, ``files`` {name: bytes} as they are. Returns the run.json entry (without timing)."""
+    names = []
+    for name, image in item.get("images", []):
+        info = PngInfo()
+        info.add_text("attnctl:recipe", recipe_text)
+        info.add_text("attnctl:prompt", json.dumps(prompt))
+        info.add_text("attnctl:seed", str(seed))
+        names.append(f"{stem}_{name}.png")
+        image.save(folder / names[-1], pnginfo=info)
+    files = {}
+    for name, data in item.get("files", {}).items():
+        files[name] = f"{stem}_{name}"
+        (folder / files[name]).write_bytes(data)
+    return {"file": names[0] if names else None, "frames": names, "files": files, "prompt": prompt, "seed": seed}
+
+
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "run", progress: bool = True,
                pipe=None) -> Path:
     """Generate every (prompt, seed) of ``recipe``; returns the run folder."""
@@ -87,6 +109,11 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
     pipe = pipe if pipe is not None else load(recipe.model, device=recipe.device, dtype=recipe.dtype)
     set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
     controls = recipe.build_controls()
+    generating = [c for c in controls if callable(getattr(c, "generate_item", None))]
+    if len(generating) > 1:
+        raise RecipeError(f"controls {', '.join(c.name for c in generating)} each generate whole items; use one")
+    # A generating control takes all prompts at once: one item per seed.
+    items = [(recipe.prompts, seed) for seed in recipe.seed_list] if generating else items_of(recipe)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     folder = new_run_folder(Path(out or recipe.output), name)
     device = str(getattr(pipe, "device", "cpu"))
@@ -96,7 +123,7 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
     recipe_text = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
     try:
         with apply(pipe, controls) as session:
-            for index, (prompt, seed) in enumerate(tqdm(items_of(recipe), desc="images", disable=not progress)):
+            for index, (prompt, seed) in enumerate(tqdm(items, desc="images", disable=not progress)):
                 kwargs = dict(num_inference_steps=recipe.steps, guidance_scale=recipe.guidance_scale,
                               generator=torch.Generator("cpu").manual_seed(seed))
                 if recipe.negative_prompt is not None:
@@ -106,6 +133,15 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                 if recipe.width:
                     kwargs["width"] = recipe.width
                 start = time.perf_counter()
+                if generating:
+                    item = generating[0].generate_item(pipe, prompt, seed, kwargs)
+                    entry = _save_item(folder, f"{index:04d}_seed{seed}", item, recipe_text, prompt, seed)
+                    entry.update(seconds=round(time.perf_counter() - start, 4),
+                                 diagnostics=session.last_run().get("controls", {}))
+                    entry[generating[0].name] = item.get("metadata", {})
+                    record["images"].append(entry)
+                    _write_json(folder / "run.json", record)
+                    continue
                 image = pipe(prompt, **kwargs).images[0]
                 seconds = time.perf_counter() - start
                 info = PngInfo()

@@ -152,3 +152,158 @@ def test_strip_and_gif():
 
     gif = Image.open(io.BytesIO(maths.gif_bytes(frames)))
     assert gif.format == "GIF" and gif.n_frames == 6  # forward, then back without repeating the ends
+
+
+# -- the control on every family ---------------------------------------------------------------------------------
+
+from attnctl.controls.interpolate import FramePlan, Interpolate, check_prompt_lengths  # noqa: E402
+from attnctl.engine import apply  # noqa: E402
+from attnctl.testing import TINY_FAMILIES, tiny_call_kwargs, tiny_pipeline  # noqa: E402
+
+A, B, C = "a red circle", "a blue square", "a green triangle"
+
+
+def _kwargs(family, steps=3, seed=0, **extra):
+    kwargs = tiny_call_kwargs(family, steps=steps, seed=seed, **extra)
+    kwargs.pop("generator")
+    return kwargs
+
+
+def _plain(pipe, family, prompt, seed=0, steps=3):
+    return pipe(prompt, **tiny_call_kwargs(family, steps=steps, seed=seed)).images[0]
+
+
+def _processors(pipe):
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return dict(denoiser.attn_processors)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_endpoints_are_the_plain_generations_and_frames_are_coupled(family):
+    pipe = tiny_pipeline(family)
+    before = _processors(pipe)
+    result = Interpolate(prompts=[A, B], frames=4, fuse=False).generate(pipe, seed=0, **_kwargs(family))
+    frames = torch.stack(result.frames)  # latents: output_type="latent"
+    assert frames.shape[0] == 4 and result.plan.anchors == (0, 3)
+    assert (frames[0] - _plain(pipe, family, A)).abs().max() <= 1e-4
+    assert (frames[3] - _plain(pipe, family, B)).abs().max() <= 1e-4
+    assert _processors(pipe) == before  # generate applied itself and restored everything
+    naive = torch.stack(Interpolate(prompts=[A, B], frames=4, mode="embedding").generate(
+        pipe, seed=0, **_kwargs(family)).frames)
+    assert (naive[0] - frames[0]).abs().max() <= 1e-4
+    assert (naive[1:3] - frames[1:3]).abs().max() > 5e-4  # attention interpolation changes in-between frames
+    assert (frames[1] - frames[0]).abs().max() > 1e-3 and (frames[1] - frames[2]).abs().max() > 1e-3
+
+
+def test_fused_inner_outer_and_heads_on_sd15():
+    pipe = tiny_pipeline("sd15")
+    kwargs = _kwargs("sd15", steps=2)
+    outputs = {}
+    for mode in ("inner", "outer"):
+        for fuse in (False, True):
+            frames = Interpolate(prompts=[A, B], frames=3, mode=mode, fuse=fuse).generate(pipe, **kwargs).frames
+            outputs[mode, fuse] = frames[1]
+            assert (frames[0] - _plain(pipe, "sd15", A, steps=2)).abs().max() <= 1e-4  # also when fused
+    values = list(outputs.values())
+    assert all((a - b).abs().max() > 1e-4 for i, a in enumerate(values) for b in values[i + 1:])
+    headed = Interpolate(prompts=[A, B], frames=3, layers=["down_blocks.1:heads=0"]).generate(pipe, **kwargs)
+    assert (headed.frames[1] - outputs["outer", True]).abs().max() > 1e-4
+
+
+def test_chain_of_prompts_and_slerped_seeds():
+    pipe = tiny_pipeline("sd15")
+    control = Interpolate(prompts=[A, B, C], frames=3, latents="slerp", seeds=[1, 2, 3], fuse=False)
+    result = control.generate(pipe, **_kwargs("sd15", steps=2))
+    assert result.plan.anchors == (0, 2, 4) and len(result.frames) == 5
+    for frame, prompt, seed in [(0, A, 1), (2, B, 2), (4, C, 3)]:
+        assert (result.frames[frame] - _plain(pipe, "sd15", prompt, seed=seed, steps=2)).abs().max() <= 1e-4
+    assert result.metadata["t"] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    shared = Interpolate(prompts=[A, B, C], frames=3, fuse=False).generate(pipe, seed=1, **_kwargs("sd15", steps=2))
+    assert (shared.frames[1] - result.frames[1]).abs().max() > 1e-3  # slerped noise differs from seed 1's
+
+
+def test_paid_guide_prompt_and_warmup():
+    pipe = tiny_pipeline("sd15")
+    kwargs = _kwargs("sd15", steps=4)
+    counts = {}
+    for warmup in (0.5, 1.0):
+        control = Interpolate(prompts=[A, B], frames=3, guide_prompt=C, warmup=warmup)
+        result = control.generate(pipe, **kwargs)
+        counts[warmup] = control.calls
+        assert (result.frames[2] - _plain(pipe, "sd15", B, steps=4)).abs().max() <= 1e-4
+    assert counts[1.0] == 2 * counts[0.5] > 0  # interpolated attention only in the first half of the steps
+    aid = Interpolate(prompts=[A, B], frames=3).generate(pipe, **kwargs)
+    assert (aid.frames[1] - result.frames[1]).abs().max() > 1e-3  # the guide prompt conditions the middle
+
+
+def test_frame_plan():
+    plan = FramePlan.build([A, B, C], [[0, 0.3, 1], [0, 0.5, 0.8, 1]])
+    assert plan.n_frames == 6 and plan.anchors == (0, 2, 5) and plan.between() == [1, 3, 4]
+    assert plan.left[4] == 2 and plan.right[4] == 5 and plan.t[4] == 0.8
+    assert plan.frame_prompts(None) == [A, A, B, B, B, C] and plan.frame_prompts("g")[1] == "g"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(frames=1), r"frames = 1: .*greater than or equal to 2"),
+    (dict(alpha=0), r"alpha = 0: .*greater than 0"),
+    (dict(beta=-1.5), r"beta = -1.5: .*greater than 0"),
+    (dict(mode="middle"), r"mode = 'middle': .*'outer', 'inner' or 'embedding'"),
+    (dict(spacing="linear"), r"spacing = 'linear'"),
+    (dict(prompts=["only one"]), r"at least 2 non-empty prompts"),
+    (dict(fuze=True), r"unknown key 'fuze' \(did you mean 'fuse'\?\)"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ControlError, match=message):
+        Interpolate(**options)
+
+
+def test_bad_calls():
+    pipe = tiny_pipeline("sd15")
+    with pytest.raises(ControlError, match="at least 2 prompts"):
+        Interpolate().generate(pipe, prompts=[A], **_kwargs("sd15"))
+    with pytest.raises(ControlError, match=r"tokenises to \d+ tokens.*pads every prompt to"):
+        check_prompt_lengths(pipe, [A, " ".join(["red"] * 90)])
+    with pytest.raises(ControlError, match="generator"):
+        Interpolate(prompts=[A, B]).generate(pipe, generator=torch.Generator(), **_kwargs("sd15"))
+    with pytest.raises(ControlError, match="one per prompt"):
+        Interpolate(prompts=[A, B], latents="slerp", seeds=[1]).generate(pipe, **_kwargs("sd15"))
+    with apply(pipe, Interpolate(prompts=[A, B])):
+        with pytest.raises(ControlError, match=r"call control.generate"):
+            pipe([A, B], **tiny_call_kwargs("sd15"))
+
+
+def test_images_metrics_and_auto_spacing():
+    pipe = tiny_pipeline("sd15")
+    kwargs = _kwargs("sd15", steps=2, output_type="pil")
+    control = Interpolate(prompts=[A, B], frames=5, spacing="auto", distance="ssim")
+    result = control.generate(pipe, **kwargs)
+    meta = result.metadata
+    assert len(result.frames) == 5 and isinstance(result.frames[0], Image.Image)
+    assert len(meta["distances"]) == 4 and meta["distance"] == "ssim"
+    assert meta["consistency"] == pytest.approx(sum(meta["distances"]) / 4, abs=1e-5)
+    assert 0 <= meta["smoothness"] <= 1
+    (alpha, beta), = meta["alpha_beta"]
+    assert meta["t"][1:-1] == pytest.approx(maths.beta_quantiles(5, alpha, beta)[1:-1], abs=1e-6)
+    assert len(meta["auto"][0]["probe_distances"]) == 4
+    assert result.strip().size == (5 * 32 + 4 * 2, 32)
+
+
+def test_recipe_run_writes_frames_strip_gif_and_metrics(tmp_path):
+    import json
+
+    from attnctl.recipe import load_recipe
+    from attnctl.run import run_recipe
+
+    recipe = load_recipe({"model": "tiny:sd15", "prompt": [A, B], "seeds": [3, 4], "steps": 2, "height": 32,
+                          "width": 32, "controls": {"interpolate": {"frames": 4, "spacing": "uniform"}}})
+    folder = run_recipe(recipe, out=tmp_path, progress=False)
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["images"]) == 2  # one sequence per seed
+    entry = record["images"][1]
+    assert entry["seed"] == 4 and entry["prompt"] == [A, B] and len(entry["frames"]) == 4
+    assert Image.open(folder / entry["frames"][0]).text["attnctl:seed"] == "4"
+    assert Image.open(folder / entry["files"]["strip.png"]).size == (4 * 32 + 3 * 2, 32)
+    assert Image.open(folder / entry["files"]["interpolation.gif"]).n_frames == 6
+    meta = entry["interpolate"]
+    assert meta["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1]) and len(meta["distances"]) == 3
+    assert {"smoothness", "consistency", "distance"} <= set(meta)

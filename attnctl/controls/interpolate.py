@@ -105,6 +105,16 @@ class FramePlan:
     def n_frames(self) -> int:
         return len(self.t)
 
+    def positions(self) -> list[float]:
+        """Each frame's place along the chain: segment index + t (0, ..., 1 for A -> B; up to 2 for A -> B -> C)."""
+        out = []
+        for f in range(self.n_frames):
+            if f in self.anchors:
+                out.append(float(self.anchors.index(f)))
+            else:
+                out.append(self.anchors.index(self.left[f]) + self.t[f])
+        return out
+
     def between(self) -> list[int]:
         """Frames that are not anchors."""
         anchors = set(self.anchors)
@@ -276,7 +286,7 @@ class Interpolate(Control):
             plan = FramePlan.build(prompts, segment_ts)
             frames = self._run(pipe, plan, seeds, call_kwargs)
         result = InterpolationResult(frames, plan, metadata=metadata)
-        metadata["t"] = [round(v, 6) for v in plan.t]
+        metadata["t"] = [round(v, 6) for v in plan.positions()]
         metadata["anchors"] = list(plan.anchors)
         if frames and not isinstance(frames[0], torch.Tensor):
             result.distances = maths.frame_distances(frames, opts.distance)
@@ -348,7 +358,7 @@ class Interpolate(Control):
             distances = maths.frame_distances(chunk, self.options.distance)
             alpha, beta = maths.fit_beta(probe_t, maths.cumulative_distance(distances))
             segments.append(maths.beta_quantiles(n, alpha, beta))
-            info.append({"alpha_beta": [round(alpha, 4), round(beta, 4)],
+            info.append({"alpha_beta": [alpha, beta],
                          "probe_distances": [round(d, 5) for d in distances],
                          "probe_smoothness": round(maths.smoothness(distances), 5)})
         return segments, info
