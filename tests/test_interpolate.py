@@ -307,3 +307,30 @@ def test_recipe_run_writes_frames_strip_gif_and_metrics(tmp_path):
     meta = entry["interpolate"]
     assert meta["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1]) and len(meta["distances"]) == 3
     assert {"smoothness", "consistency", "distance"} <= set(meta)
+
+
+def test_interp_eval_suite(tmp_path):
+    import json
+
+    from attnctl.evals import run_eval
+    from attnctl.evals.interp import builtin_pairs
+
+    pairs = builtin_pairs()
+    assert len(pairs) >= 20 and len(set(pairs)) == len(pairs) and all(a != b for a, b in pairs)
+    prompts = tmp_path / "pairs.txt"
+    prompts.write_text("a red circle | a blue square\n# comment\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt: x\nsteps: 2\nheight: 32\nwidth: 32\ncontrols:\n  interpolate: {frames: 4}\n")
+    out = tmp_path / "interp.json"
+    report = run_eval("interp", model="tiny:sd15", recipe=str(recipe), prompts=str(prompts), seeds=1,
+                      json_path=str(out), progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 1 and saved["distance"] == "lab" and set(saved["delta_ci95"]) == set(report["baseline"])
+    row = saved["rows"][0]
+    assert len(row["baseline"]["distances"]) == len(row["controlled"]["distances"]) == 3  # same frame count
+    assert row["baseline"]["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1])  # naive: uniform
+    assert row["baseline"]["distances"] != row["controlled"]["distances"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\n")
+    with pytest.raises(Exception, match=r"write 'prompt A \| prompt B'"):
+        run_eval("interp", model="tiny:sd15", recipe=str(recipe), prompts=str(bad), progress=False)
