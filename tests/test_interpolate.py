@@ -334,3 +334,34 @@ def test_interp_eval_suite(tmp_path):
     bad.write_text("a red circle\n")
     with pytest.raises(Exception, match=r"write 'prompt A \| prompt B'"):
         run_eval("interp", model="tiny:sd15", recipe=str(recipe), prompts=str(bad), progress=False)
+
+
+def test_on_attention_couples_rows_and_keeps_masks_and_heads():
+    """One hand-built joint call: rows [uncond x3, cond x3], frames (A, mid, B); a mask hides key 5 from row 4."""
+    from types import SimpleNamespace
+
+    from attnctl.engine import BatchLayout, StepInfo
+
+    control = Interpolate(prompts=[A, B], frames=3, mode="inner")
+    control._plan = FramePlan.build([A, B], [[0.0, 0.25, 1.0]])
+    control._active_window = control._window()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 9, 4, generator=g) for _ in range(3))
+    bias = torch.zeros(6, 1, 9, 9)
+    bias[4, :, :, 5] = float("-inf")
+    hooks = []
+    call = SimpleNamespace(q=q, k=k, v=v, bias=bias, image=slice(2, 9), heads=(1,), then=hooks.append,
+                           layout=BatchLayout(("uncond",) * 3 + ("cond",) * 3, (0, 1, 2, 0, 1, 2)),
+                           step=StepInfo(0, 4, 0.0, 999.0))
+    control.on_attention(call)
+    (fn,) = hooks
+    plain = torch.randn(6, 2, 9, 4, generator=g)
+    out = fn(plain)
+    changed = (out != plain).any(-1)  # (rows, heads, queries)
+    assert changed[4, 1, 2:].all() and not changed[4, 0].any() and not changed[4, 1, :2].any()
+    assert not changed[[0, 1, 2, 3, 5]].any()  # uncond rows and the endpoints stay plain
+    keep = [i for i in range(9) if i != 5]
+    kt, vt = torch.lerp(k[3], k[5], 0.25), torch.lerp(v[3], v[5], 0.25)
+    own_and_t = torch.cat([k[4, 1:2, keep], kt[1:2, keep]], 1), torch.cat([v[4, 1:2, keep], vt[1:2, keep]], 1)
+    expected = _attention64(q[4:5, 1:2, 2:], own_and_t[0][None], own_and_t[1][None])
+    assert (out[4, 1, 2:].double() - expected[0, 0]).abs().max() < 1e-5

@@ -18,8 +18,13 @@ keys/values interpolated between its two anchors' rows of the same call:
 Uncond rows are never interpolated (as in the reference implementation); any other branch (e.g. PAG's perturbed
 rows) is coupled within its own rows. Interpolated attention replaces other controls' edits on those queries.
 
-Defaults: outer interpolation with fusion, interpolation at every step without a guide prompt and for the first
-half with one (PAID, warm-up 0.5), Beta-spaced coefficients (Sec. 4.3), 7 frames (the reference's default size).
+Defaults follow the reference implementation's ``interpolate``: fused outer interpolation for the first half of
+the steps (warm-up ratio 0.5, plain attention after), Beta-spaced coefficients (Sec. 4.3; alpha = beta = 3, its
+``generate_beta_tensor`` default), 7 frames. On the embedded ``shapes`` model fused *inner* interpolation with
+``spacing: auto`` measured smoothest (recipes/interpolate.yaml); see ``attnctl eval interp``.
+
+Cost: the engine computes plain attention for every row and the interpolated rows' image queries are then
+recomputed (outer: two SDPA calls over [own, endpoint] keys, batched as one), during the warm-up only.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ class InterpolateOptions(StrictOptions):
     alpha: float = Field(3.0, gt=0, description="Beta distribution alpha (spacing: beta).")
     beta: float = Field(3.0, gt=0, description="Beta distribution beta (spacing: beta).")
     guide_prompt: str | None = Field(None, description="PAID: the prompt of the in-between frames.")
-    warmup: float | None = Field(None, gt=0, le=1, description="Fraction of the schedule with interpolated "
-                                 "attention; default 1 (AID), 0.5 with a guide prompt (PAID).")
+    warmup: float = Field(0.5, gt=0, le=1, description="Fraction of the schedule with interpolated attention "
+                          "(plain attention after it); 1 = every step.")
     latents: Literal["shared", "slerp"] = Field("shared", description="shared: one seed for every frame; slerp: "
                                                 "spherical interpolation between one seed per prompt.")
     seeds: list[int] | None = Field(None, description="slerp: one seed per prompt (default: seed, seed+1, ...).")
@@ -177,19 +182,17 @@ class Interpolate(Control):
             raise ControlError(f"interpolate: the pipeline was called with {len(session.prompts)} prompts, the plan "
                                f"has {self._plan.n_frames} frames")
         self.calls = 0
+        self._active_window = self._window()
 
     def on_call_end(self, session):
         return {"interpolated_calls": self.calls}
 
     def _window(self) -> StepWindow:
-        warmup = self.options.warmup
-        if warmup is None:
-            warmup = 0.5 if self.options.guide_prompt is not None else 1.0
-        return StepWindow(start=0.0, stop=warmup)
+        return StepWindow(start=0.0, stop=self.options.warmup)
 
     def on_attention(self, call):
         plan = self._plan
-        if plan is None or not self._window().contains(call.step.progress):
+        if plan is None or not self._active_window.contains(call.step.progress):
             return
         layout = call.layout
         between = set(plan.between())
@@ -217,11 +220,15 @@ class Interpolate(Control):
             ri = torch.tensor(rows_i, device=q.device)
             queries = q[ri][:, :, call.image]
             bias = None
-            if call.bias is not None:
-                b = call.bias.to(q.dtype).expand(q.shape[0], q.shape[1], call.q.shape[2], k.shape[2])
-                if heads is not None:
-                    b = b[:, heads]
-                b = b[ri][:, :, call.image]
+            if call.bias is not None:  # the frame's own mask, for its own and the interpolated keys alike
+                b = call.bias
+                if b.dtype == torch.bool:
+                    b = torch.zeros(b.shape, dtype=q.dtype, device=q.device).masked_fill(~b, float("-inf"))
+                while b.ndim < 4:
+                    b = b.unsqueeze(0)
+                b = b.to(q.dtype).expand(call.q.shape[0], call.q.shape[1], call.q.shape[2], call.k.shape[2])
+                b = b[ri][:, heads] if heads is not None else b[ri]
+                b = b[:, :, call.image]
                 bias = torch.cat([b, b], dim=-1) if fuse else b
             result = maths.interpolated_attention(
                 queries, k[rows_l], v[rows_l], k[rows_r], v[rows_r], torch.tensor(ts), mode=mode,
