@@ -13,9 +13,11 @@ process's records into the one ``run.json``.
 
 A control may generate an item itself (an edit needs source and target rows in one call): if it has
 ``generate_item(pipe, prompt, seed, kwargs) -> dict | None``, it is called inside the item's ``apply`` with the
-call's keyword arguments instead of ``pipe(prompt, **kwargs)``, and returns ``{"image": PIL image,
-"extra": {name: PIL image or None}, "info": {...}}``; extra images are saved as ``<stem>_<name>.png`` and listed
-under ``files`` in the item's ``run.json`` entry, ``info`` under ``info``. ``None`` falls back to the plain call.
+call's keyword arguments instead of ``pipe(prompt, **kwargs)``, and returns ``{"image": PIL image or None,
+"extra": {name: PIL image or None}, "files": {name: bytes}, "info": {...}}``; the image is the item's PNG, extra
+images are saved as ``<stem>_<name>.png`` and other files (a GIF) as ``<stem>_<name>``, all listed under ``files``
+in the item's ``run.json`` entry, ``info`` under ``info``. ``None`` falls back to the plain call. A control class
+with ``takes_all_prompts = True`` (interpolation) gets every prompt of the recipe at once: one item per seed.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Item:
     index: int
     setting: int
     values: tuple[tuple[str, object], ...]
-    prompt: str
+    prompt: str | tuple[str, ...]  # a tuple: a control that takes every prompt at once (interpolation)
     seed: int
 
     @property
@@ -80,11 +82,15 @@ def _versions() -> dict:
 
 
 def items_of(recipe: Recipe) -> list[Item]:
-    """Every image of ``recipe``: setting-major, then prompt, then seed."""
+    """Every item of ``recipe``: setting-major, then prompt, then seed. With a control that takes all prompts at
+    once (``takes_all_prompts``, e.g. interpolation between them) an item is (setting, seed) with every prompt."""
+    from .controls import control_class
+
     items = []
     for k, setting in enumerate(recipe.settings()):
         sub = recipe.at(setting) if setting else recipe
-        for prompt in sub.prompts:
+        together = any(getattr(control_class(name), "takes_all_prompts", False) for name in sub.controls)
+        for prompt in [tuple(sub.prompts)] if together else sub.prompts:
             for seed in sub.seed_list:
                 items.append(Item(len(items), k, tuple(setting.items()), prompt, seed))
     return items
@@ -244,25 +250,31 @@ def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, fold
     if recipe.width:
         kwargs["width"] = recipe.width
     start = time.perf_counter()
+    prompt = list(item.prompt) if isinstance(item.prompt, tuple) else item.prompt
     with apply(pipe, controls) as session:
         made = next((m for c in controls if hasattr(c, "generate_item")
-                     for m in [c.generate_item(pipe, item.prompt, item.seed, kwargs)] if m is not None), None)
-        image = pipe(item.prompt, **kwargs).images[0] if made is None else made["image"]
+                     for m in [c.generate_item(pipe, prompt, item.seed, kwargs)] if m is not None), None)
+        image = pipe(prompt, **kwargs).images[0] if made is None else made.get("image")
         diagnostics = session.last_run().get("controls", {})
     seconds = time.perf_counter() - start
     info = PngInfo()
     info.add_text("attnctl:recipe", recipe_text)
-    info.add_text("attnctl:prompt", item.prompt)
+    info.add_text("attnctl:prompt", prompt if isinstance(prompt, str) else json.dumps(prompt))
     info.add_text("attnctl:seed", str(item.seed))
-    image.save(folder / f"{item.stem}.png", pnginfo=info)
-    entry = {"index": item.index, "file": f"{item.stem}.png", "prompt": item.prompt, "seed": item.seed,
-             "seconds": round(seconds, 4), "diagnostics": diagnostics}
-    if made is not None:
+    entry = {"index": item.index, "file": None, "prompt": prompt, "seed": item.seed, "seconds": round(seconds, 4),
+             "diagnostics": diagnostics}
+    if image is not None:
+        image.save(folder / f"{item.stem}.png", pnginfo=info)
+        entry["file"] = f"{item.stem}.png"
+    if made is not None:  # a generating control: more images, other files (GIF), its own metadata
         entry["files"], entry["info"] = {}, made.get("info", {})
         for name, extra in made.get("extra", {}).items():
             if extra is not None:
                 extra.save(folder / f"{item.stem}_{name}.png", pnginfo=info)
                 entry["files"][name] = f"{item.stem}_{name}.png"
+        for name, data in made.get("files", {}).items():
+            (folder / f"{item.stem}_{name}").write_bytes(data)
+            entry["files"][name] = f"{item.stem}_{name}"
     if item.values:
         entry["setting"] = item.setting
         entry["values"] = dict(item.values)
@@ -288,25 +300,30 @@ def contact_sheet(folder: Path, entries: list[dict], recipe: Recipe, cell: int =
     labels: dict[tuple, str] = {}
     seeds: list[int] = []
     for e in entries:
-        key = (e.get("setting", 0), e["prompt"])
+        if not e.get("file"):
+            continue
+        prompt = e["prompt"] if isinstance(e["prompt"], str) else " -> ".join(e["prompt"])
+        key = (e.get("setting", 0), prompt)
         rows.setdefault(key, {})[e["seed"]] = e["file"]
         values = ", ".join(f"{k}={v}" for k, v in e.get("values", {}).items())
-        labels[key] = (values + " | " if values else "") + e["prompt"]
+        labels[key] = (values + " | " if values else "") + prompt
         if e["seed"] not in seeds:
             seeds.append(e["seed"])
     font = ImageFont.load_default()
     label_h = 14
-    width = max(1, len(seeds)) * cell
-    sheet = Image.new("RGB", (width, len(rows) * (cell + label_h)), "white")
+    images = {(key, seed): Image.open(folder / name).convert("RGB")
+              for key, by_seed in rows.items() for seed, name in by_seed.items()}
+    col = max([cell] + [round(img.width * cell / img.height) for img in images.values()])  # wide strips
+    sheet = Image.new("RGB", (max(1, len(seeds)) * col, len(rows) * (cell + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, key in enumerate(rows):
         y = r * (cell + label_h)
-        draw.text((2, y + 1), labels[key][: width // 6], fill="black", font=font)
+        draw.text((2, y + 1), labels[key][: sheet.width // 6], fill="black", font=font)
         for c, seed in enumerate(seeds):
-            if seed in rows[key]:
-                img = Image.open(folder / rows[key][seed]).convert("RGB")
-                scale = cell / max(img.size)
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+            if (key, seed) in images:
+                img = images[(key, seed)]
+                scale = cell / img.height
+                img = img.resize((max(1, round(img.width * scale)), cell),
                                  Image.NEAREST if scale >= 1 else Image.LANCZOS)
-                sheet.paste(img, (c * cell, y + label_h))
+                sheet.paste(img, (c * col, y + label_h))
     return sheet

@@ -9,6 +9,7 @@ _MODULES = (
     "regions",
     "excite",
     "edit",
+    "interpolate",
 )
 
 

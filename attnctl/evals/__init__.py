@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "quality": "attnctl.evals.quality:SUITE",
     "presence": "attnctl.evals.presence:SUITE",
     "edit": "attnctl.evals.edit:SUITE",
+    "interp": "attnctl.evals.interp:SUITE",
 }
 
 
