@@ -305,7 +305,7 @@ def test_recipe_run_writes_frames_strip_gif_and_metrics(tmp_path):
     assert Image.open(folder / frames[0]).text["attnctl:seed"] == "4"
     assert Image.open(folder / entry["file"]).size == (4 * 32 + 3 * 2, 32)  # the strip is the item's image
     assert Image.open(folder / entry["files"]["interpolation.gif"]).n_frames == 6
-    assert Image.open(folder / record["contact_sheet"]).size == (2 * round((4 * 32 + 3 * 2) * 128 / 32), 2 * 142)
+    assert Image.open(folder / record["contact_sheet"]).size == (2 * round((4 * 32 + 3 * 2) * 128 / 32), 128 + 14)
     meta = entry["info"]
     assert meta["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1]) and len(meta["distances"]) == 3
     assert {"smoothness", "consistency", "distance"} <= set(meta)
