@@ -238,7 +238,8 @@ def build_app(model: str = "shapes", *, cache: PipelineCache | None = None, fold
 
         def on_layers(model: str):
             choices = guarded(lambda: ctx.layer_choices(model))
-            return [gr.update(choices=choices) for _ in ctx.layer_dropdowns]
+            updates = [gr.update(choices=choices) for _ in ctx.layer_dropdowns]
+            return updates[0] if len(updates) == 1 else updates  # one output takes the update itself
 
         form_names = list(ctx.form)
         form_components = [ctx.form[name] for name in form_names]

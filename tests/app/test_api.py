@@ -95,8 +95,7 @@ def test_download_and_load_recipe_round_trip(client, tmp_path):
 
 
 def test_layers_lists_kinds_groups_layers_and_heads(client):
-    updates = client.predict(model="shapes", api_name="/layers")
-    update = updates[0] if isinstance(updates, (list, tuple)) else updates
+    update = client.predict(model="shapes", api_name="/layers")
     values = [choice[1] for choice in update["choices"]]
     assert values[:2] == ["kind=self", "kind=cross"]
     assert {"down_blocks", "mid_block", "up_blocks"} <= set(values)
