@@ -28,6 +28,7 @@ def test_wheel_installs_and_runs(tmp_path):
     located = run(str(python), "-c", "import attnctl; print(attnctl.__file__)")
     assert str(venv) in located  # the installed wheel, not the repository
     assert "run" in run(str(venv / "bin" / "attnctl"), "--help")
+    assert "--port" in run(str(venv / "bin" / "attnctl"), "app", "--help")
     assert "single_transformer_blocks.0.attn" in run(str(venv / "bin" / "attnctl"), "layers", "tiny:flux")
     # No top-level `kernels`/`app` package shadows Hugging Face's from the repository root.
     run(str(python), "-c", "import diffusers, attnctl.kernels; import importlib.util as u; "
