@@ -79,7 +79,7 @@ class RegionsPanel(SchemaPanel):
             return inputs
         import gradio as gr
 
-        inputs["boxes"] = gr.Textbox(label="Regions: one per line, `phrase: x0, y0, x1, y1` (fractions)",
+        inputs["boxes"] = gr.Textbox("", label="Regions: one per line, `phrase: x0, y0, x1, y1` (fractions)",
                                      lines=3, placeholder="red circle: 0, 0, 0.5, 0.5", elem_id="regions-boxes")
         try:
             from gradio_image_annotation import image_annotator
