@@ -84,7 +84,11 @@ def load(model: str, *, device: str | None = "auto", dtype: str | torch.dtype | 
             source, local = model, os.path.isdir(model)
         from diffusers import DiffusionPipeline
 
-        kwargs = dict(torch_dtype=torch_dtype, use_safetensors=not allow_pickle)
+        from diffusers.utils import deprecation_utils
+
+        # diffusers renamed torch_dtype to dtype (0.42 warns on the old name); older releases know only torch_dtype.
+        dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+        kwargs = {dtype_key: torch_dtype, "use_safetensors": not allow_pickle}
         if local:
             kwargs["local_files_only"] = True
             kwargs.update(_absent_components(Path(source)))

@@ -61,6 +61,16 @@ def test_bench_overhead_smoke(tmp_path):
     assert {"family", "stock_s", "attnctl_s", "overhead"} <= set(rows[0])
 
 
+def test_bench_pipeline_smoke(tmp_path):
+    out = tmp_path / "pipeline.json"
+    assert main(["bench", "pipeline", "--quick", "--repeats", "1", "--families", "sd15",
+                 "--settings", "baseline,cfg", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["family"], r["setting"]) for r in rows] == [("sd15", "baseline"), ("sd15", "cfg")]
+    assert all(r["seconds_per_image"] > 0 and r["peak_mem_mb"] > 50 for r in rows)
+    assert main(["bench", "pipeline", "--settings", "cfg+nope"]) == 2
+
+
 def test_import_attnctl_does_not_import_gradio_or_triton():
     code = "import sys, attnctl; print('gradio' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

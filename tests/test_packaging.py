@@ -30,6 +30,10 @@ def test_wheel_installs_and_runs(tmp_path):
     assert "run" in run(str(venv / "bin" / "attnctl"), "--help")
     assert "--port" in run(str(venv / "bin" / "attnctl"), "app", "--help")
     assert "single_transformer_blocks.0.attn" in run(str(venv / "bin" / "attnctl"), "layers", "tiny:flux")
+    # The embedded model ships inside the wheel (setup.py copies assets/ to attnctl/assets) and loads offline.
+    loaded = run(str(python), "-c", "import attnctl; from attnctl.models import assets_dir; "
+                 "p = attnctl.load('shapes'); print(type(p).__name__, assets_dir())")
+    assert loaded.split()[0] == "StableDiffusionPipeline" and str(venv) in loaded.split()[1]
     # No top-level `kernels`/`app` package shadows Hugging Face's from the repository root.
     run(str(python), "-c", "import diffusers, attnctl.kernels; import importlib.util as u; "
         "assert u.find_spec('app') is None or 'attnctl' not in str(u.find_spec('app').origin)", cwd=REPO)

@@ -14,6 +14,7 @@ from ..errors import AttnctlError
 BENCHES = {
     "overhead": "attnctl.bench.overhead:run",
     "kernel": "attnctl.bench.kernel:run",
+    "pipeline": "attnctl.bench.pipeline:run",
 }
 
 

@@ -15,6 +15,7 @@ VERBS = {
     "schema": "attnctl.cli.schema",
     "layers": "attnctl.cli.layers",
     "bench": "attnctl.cli.bench",
+    "eval": "attnctl.cli.eval",
     "app": "attnctl.cli.app",
 }
 

@@ -13,11 +13,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median, min, max)")
     parser.add_argument("--families", default=None, help="comma-separated families (default: all tiny ones)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run, not a measure")
+    parser.add_argument("--settings", default=None, help="pipeline: comma-separated settings (default: all)")
 
 
 def main(args) -> int:
     from ..bench import run_bench
 
+    extra = {"settings": args.settings.split(",")} if args.settings else {}
     run_bench(args.name, json_path=args.json_path, repeats=args.repeats,
-              families=args.families.split(",") if args.families else None, quick=args.quick)
+              families=args.families.split(",") if args.families else None, quick=args.quick, **extra)
     return 0

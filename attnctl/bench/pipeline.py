@@ -1,0 +1,155 @@
+"""``attnctl bench pipeline``: seconds per image and peak memory of each setting on each tiny family.
+
+Settings are a registry, ``SETTINGS = {name: "module:function"}``: the core gives ``baseline`` (no CFG) and
+``cfg``; each control issue adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
+function ``make(ctx: BenchContext) -> Callable[[], object]`` returns a closure that generates one image; it may
+install controls around the call (``attnctl.apply``) or build another pipeline from ``ctx.pipe``'s components.
+
+Every (family, setting) runs in a fresh Python process, alone, so its peak resident set is its own
+(CONTRACTS.md, Benchmarks: on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
+Inside that process: one warm-up call, then ``repeats`` timed calls; the median is reported with min and max.
+Sizes follow ``attnctl bench overhead`` (one step >= ~20 ms on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AttnctlError, did_you_mean
+from .overhead import QUICK, SIZES
+
+# Registry: one line per setting. Control issues add theirs here.
+SETTINGS: dict[str, str] = {
+    "baseline": "attnctl.bench.pipeline:baseline",
+    "cfg": "attnctl.bench.pipeline:cfg",
+}
+
+PROMPT = "a red circle and a blue square"
+NEGATIVE = "a green triangle"
+
+
+@dataclass
+class BenchContext:
+    """What a setting needs: the family, its tiny pipeline and the keyword arguments of one plain call.
+
+    ``kwargs()`` returns fresh call arguments (a new seeded generator each time) for prompt ``PROMPT`` at the
+    benchmark's size and step count, CFG on (``guidance_scale`` 5; FLUX: true CFG 4 with a negative prompt).
+    """
+
+    family: str
+    pipe: object
+    height: int
+    width: int
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    def kwargs(self, cfg: bool = True, **overrides) -> dict:
+        from ..testing import tiny_call_kwargs
+
+        kwargs = tiny_call_kwargs(self.family, steps=self.steps, height=self.height, width=self.width)
+        kwargs["prompt"] = PROMPT
+        if self.family == "flux":  # guidance-distilled: CFG means true CFG with a negative prompt
+            if cfg:
+                kwargs.update(true_cfg_scale=4.0, negative_prompt=NEGATIVE)
+        else:
+            kwargs["guidance_scale"] = 5.0 if cfg else 1.0
+        kwargs.update(overrides)
+        return kwargs
+
+
+def baseline(ctx: BenchContext) -> Callable[[], object]:
+    """The stock pipeline without CFG (one denoiser row per image)."""
+    return lambda: ctx.pipe(**ctx.kwargs(cfg=False))
+
+
+def cfg(ctx: BenchContext) -> Callable[[], object]:
+    """The stock pipeline with classifier-free guidance."""
+    return lambda: ctx.pipe(**ctx.kwargs(cfg=True))
+
+
+def _setting(name: str) -> Callable[[BenchContext], Callable[[], object]]:
+    if name not in SETTINGS:
+        raise AttnctlError(f"unknown pipeline setting {name!r}{did_you_mean(name, SETTINGS)}; "
+                           f"allowed: {', '.join(SETTINGS)}")
+    module, func = SETTINGS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(family: str, setting: str, repeats: int, quick: bool) -> dict:
+    """Time ``setting`` on ``family`` in this process (call it in a fresh one for a meaningful peak)."""
+    from ..testing import tiny_pipeline
+
+    height, width, steps = (QUICK if quick else SIZES)[family]
+    pipe = tiny_pipeline(family)
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    ctx = BenchContext(family, pipe, height, width, steps)
+    generate = _setting(setting)(ctx)
+    with torch.no_grad():
+        generate()  # warm-up
+        times = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            generate()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return {"family": family, "setting": setting, "seconds_per_image": statistics.median(times),
+            "min_s": min(times), "max_s": max(times), "peak_mem_mb": _peak_mb(), "size": f"{height}x{width}",
+            "steps": steps, "runs": len(times)}
+
+
+def run(repeats: int = 5, families=None, quick: bool = False, settings=None):
+    from ..testing import TINY_FAMILIES
+
+    names = list(settings or SETTINGS)
+    for name in names:
+        _setting(name)  # unknown names fail before any process starts
+    rows = []
+    env = dict(os.environ)
+    for family in families or TINY_FAMILIES:
+        for name in names:
+            cmd = [sys.executable, "-m", "attnctl.bench.pipeline", "--family", family, "--setting", name,
+                   "--repeats", str(repeats)] + (["--quick"] if quick else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise AttnctlError(f"bench pipeline {family}/{name} failed:\n{done.stderr.strip()[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by_cfg = {r["family"]: r["seconds_per_image"] for r in rows if r["setting"] == "cfg"}
+    for r in rows:
+        if r["family"] in by_cfg:
+            r["vs_cfg"] = r["seconds_per_image"] / by_cfg[r["family"]]
+    return rows, ["family", "setting", "size", "seconds_per_image", "min_s", "max_s", "vs_cfg", "peak_mem_mb"]
+
+
+def _main() -> None:  # the fresh process of one (family, setting)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--setting", required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.family, args.setting, args.repeats, args.quick)))
+
+
+if __name__ == "__main__":
+    _main()

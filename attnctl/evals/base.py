@@ -1,0 +1,173 @@
+"""The evaluation frame: a suite says what to generate and how to score it; the frame does the rest.
+
+A ``Suite`` gives cases (prompt, seed and whatever ground truth it needs: from a built-in set or from the
+lines of a ``--prompts`` file), may fill in control options per case from the caption (e.g. the shape nouns
+as Attend-and-Excite subjects), generates images and scores each one. ``run_eval`` runs every case twice, as
+the baseline (no controls) and with the recipe's controls, on the same seeds, batched; it prints the two side
+by side and returns the JSON of CONTRACTS.md: ``{"suite", "model", "n", "baseline", "controlled",
+"delta_ci95", "rows", ...}`` where ``delta_ci95[m]`` is a paired bootstrap 95% interval of the mean of
+(controlled - baseline) over the rows that have metric ``m`` in both runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import AttnctlError
+
+
+@dataclass
+class Case:
+    """One row of an evaluation: a prompt, a seed and suite-specific ground truth (``info``)."""
+
+    prompt: str
+    seed: int
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Settings:
+    """How images are generated: from the recipe where it sets them, else the embedded models' defaults."""
+
+    model: str = "shapes"
+    steps: int = 25
+    guidance_scale: float = 4.5
+    height: int = 64
+    width: int = 64
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    scheduler_options: dict = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    controls: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, recipe, model: str | None = None) -> "Settings":
+        s = cls()
+        if recipe is not None:
+            for name in ("steps", "guidance_scale", "height", "width", "negative_prompt", "scheduler",
+                         "scheduler_options", "device", "dtype", "model"):
+                if name in recipe.model_fields_set and getattr(recipe, name) is not None:
+                    setattr(s, name, getattr(recipe, name))
+            s.controls = dict(recipe.controls)
+        if model:
+            s.model = model
+        return s
+
+    def call_kwargs(self) -> dict:
+        kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
+                      width=self.width, output_type="np")
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
+
+
+class Suite:
+    """Base class of an evaluation suite. Subclasses set ``name``, ``metrics`` and implement ``cases`` and
+    ``score``; ``generate`` and ``fill`` have defaults that suit text-to-image suites."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    metrics: ClassVar[dict[str, bool]] = {}  # metric -> higher is better
+    default_seeds: ClassVar[int] = 8
+    line_format: ClassVar[str] = "one prompt per line"
+
+    def cases(self, lines: list[str] | None, seeds: int) -> list[Case]:
+        raise NotImplementedError
+
+    def fill(self, name: str, options: dict, case: Case) -> dict:
+        """Options of control ``name`` for ``case`` (default: the recipe's, unchanged)."""
+        return options
+
+    def controls_for(self, controls: dict, case: Case) -> dict:
+        out = {}
+        for name, options in controls.items():
+            if isinstance(options, list):
+                out[name] = [self.fill(name, dict(o), case) for o in options]
+            else:
+                out[name] = self.fill(name, dict(options), case)
+        return out
+
+    def generate(self, pipe, settings: Settings, cases: list[Case], controls: list | None) -> list[Any]:
+        """Outputs for ``cases`` (one batched pipeline call; per-case seeded generators): uint8 images."""
+        from ..engine import apply
+
+        gens = [torch.Generator("cpu").manual_seed(c.seed) for c in cases]
+        prompts = [c.prompt for c in cases]
+        kwargs = settings.call_kwargs()
+        if controls:
+            with apply(pipe, controls):
+                images = pipe(prompts, generator=gens, **kwargs).images
+        else:
+            images = pipe(prompts, generator=gens, **kwargs).images
+        return list((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+
+    def score(self, case: Case, output: Any) -> dict:
+        """Metric values (None = not applicable to this row) and any extra per-row fields."""
+        raise NotImplementedError
+
+    def extra(self) -> dict:
+        """Suite-level fields added to the JSON (e.g. the distance a metric uses)."""
+        return {}
+
+
+def seeded_cases(prompts: Iterable[str], seeds: int, info=None) -> list[Case]:
+    """Every prompt with seeds ``0 .. seeds-1``, prompt-major."""
+    return [Case(p, s, dict(info(p)) if info else {}) for p in prompts for s in range(seeds)]
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty, non-comment lines of a ``--prompts`` file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln.strip() for ln in fh]
+    except OSError as exc:
+        raise AttnctlError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise AttnctlError(f"prompts file {path} has no prompts (one per line; '#' starts a comment)")
+    return lines
+
+
+def paired_bootstrap(base: list[float], ctrl: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of mean(ctrl - base) by resampling the pairs."""
+    d = np.asarray(ctrl, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if len(d) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summarise(metrics: dict[str, bool], rows: list[dict], key: str) -> dict[str, float | None]:
+    out = {}
+    for m in metrics:
+        values = [r[key][m] for r in rows if r.get(key) and r[key].get(m) is not None]
+        out[m] = float(np.mean(values)) if values else None
+    return out
+
+
+def print_side_by_side(report: dict, metrics: dict[str, bool]) -> None:
+    from ..bench import print_table
+
+    rows = []
+    for m, higher in metrics.items():
+        b = report["baseline"].get(m)
+        c = (report.get("controlled") or {}).get(m)
+        ci = report.get("delta_ci95", {}).get(m)
+        rows.append({"metric": m + (" (+)" if higher else " (-)"), "baseline": b if b is not None else "-",
+                     "controlled": c if c is not None else "-",
+                     "delta": (c - b) if (b is not None and c is not None) else "-",
+                     "ci95": f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"})
+    print(f"{report['suite']} on {report['model']}: {report['n']} rows")
+    print_table(rows, ["metric", "baseline", "controlled", "delta", "ci95"])
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=2, default=str)
