@@ -77,7 +77,7 @@ def generate(data: dict, cache: PipelineCache, folders: RunFolders, *,
         for check in checks:
             check(pipe, recipe)
         folder = run_recipe(recipe.model_copy(update={"save_maps": True}), pipe=pipe, out=folders.new(),
-                            name="app", progress=progress)
+                            name="app", progress=progress, distributed=False)
     return read_run(folder, recipe_yaml(data))
 
 
@@ -87,7 +87,7 @@ def read_run(folder: Path, recipe_text: str) -> Result:
     result = Result(folder=folder, recipe_yaml=recipe_text)
     seconds = 0.0
     for entry in record["images"]:
-        label = f"{entry['prompt']} (seed {entry['seed']})"
+        label = f"{entry['prompt']} (seed {entry['seed']}" + (f", {entry['setting']})" if entry.get("setting") else ")")
         result.images.append((folder / entry["file"], label))
         for word, map_file in entry.get("maps", {}).items():
             result.maps.append((folder / map_file, f"{word}: {label}"))
@@ -96,5 +96,5 @@ def read_run(folder: Path, recipe_text: str) -> Result:
     result.animation = animations[0] if animations else None
     n = len(result.images)
     result.summary = (f"{n} image{'s' * (n != 1)} on `{record['recipe']['model']}` in {seconds:.1f} s"
-                      f" ({record['device']}); controls: {', '.join(record['recipe']['controls']) or 'none'}")
+                      f" ({record.get('device', '?')}); controls: {', '.join(record['recipe']['controls']) or 'none'}")
     return result
