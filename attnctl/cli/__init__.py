@@ -18,6 +18,7 @@ VERBS = {
     "hunt": "attnctl.cli.hunt",
     "eval": "attnctl.cli.eval",
     "train": "attnctl.cli.train",
+    "app": "attnctl.cli.app",
 }
 
 
