@@ -65,9 +65,10 @@ def test_a_subject_word_missing_from_the_prompt_is_a_readable_error(client):
 
     if "excite" not in CONTROLS:
         pytest.skip("the excite control is not registered in this version")
-    words = next(f for f in fields_of(control_class("excite").Options) if f.kind == "list")
+    words = next(f for f in fields_of(control_class("excite").Options) if f.key == "subjects")
+    value = "[dog]" if words.kind == "yaml" else "dog"  # subjects: a list of words, or "auto"
     with pytest.raises(AppError, match=r"'dog'.*not in the prompt"):
-        client.predict(prompt="a red circle", excite__enabled=True, **{f"excite__{words.key}": "dog"},
+        client.predict(prompt="a red circle", excite__enabled=True, **{f"excite__{words.key}": value},
                        api_name="/generate", **FAST)
 
 
@@ -95,8 +96,10 @@ def test_download_and_load_recipe_round_trip(client, tmp_path):
 
 
 def test_layers_lists_kinds_groups_layers_and_heads(client):
-    update = client.predict(model="shapes", api_name="/layers")
-    values = [choice[1] for choice in update["choices"]]
+    updates = client.predict(model="shapes", api_name="/layers")  # one update per layer field of the controls
+    updates = [updates] if isinstance(updates, dict) else list(updates)
+    assert all(u["choices"] == updates[0]["choices"] for u in updates)
+    values = [choice[1] for choice in updates[0]["choices"]]
     assert values[:2] == ["kind=self", "kind=cross"]
     assert {"down_blocks", "mid_block", "up_blocks"} <= set(values)
     assert "mid_block.attentions.0.transformer_blocks.0.attn2" in values

@@ -80,11 +80,11 @@ def test_generate_with_maps_in_a_real_browser(served, driver):
     click("#maps-enabled input[type=checkbox]")
     type_into("maps-words", "circle, square")
     if "excite" in CONTROLS:
-        words = next(f for f in _fields("excite") if f.kind == "list")
+        words = next(f for f in _fields("excite") if f.key == "subjects")
         tab("Generate")
         click("#panel-excite button, #panel-excite .label-wrap")
         click("#excite-enabled input[type=checkbox]")
-        type_into(f"excite-{words.key}", "circle, square")
+        type_into(f"excite-{words.key}", "[circle, square]" if words.kind == "yaml" else "circle, square")
     if "regions" in CONTROLS:
         tab("Regions")
         click("#regions-enabled input[type=checkbox]")
