@@ -18,6 +18,7 @@ from .base import Case, Settings, Suite, paired_bootstrap, print_side_by_side, r
 SUITES: dict[str, str] = {
     "quality": "attnctl.evals.quality:SUITE",
     "presence": "attnctl.evals.presence:SUITE",
+    "layout": "attnctl.evals.layout:SUITE",
 }
 
 
