@@ -1,6 +1,7 @@
 """Region control: hard masks give exactly zero weight outside a region on every family (checked against a
 float64 reference built here from the boxes), soft bias and off-switches, mask geometry, bad input."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -319,3 +320,80 @@ def test_sd3_processor_honours_attention_mask():
     assert (ours_masked[0] - stock_plain[0]).abs().max() > 1e-4
     # Reference: hiding two text keys from the image queries = leaving those tokens out (projections are per token).
     torch.testing.assert_close(ours_masked[0], attn(image, text[:, 2:])[0])
+
+
+# -- the layout evaluation suite -----------------------------------------------------------------------------
+def test_layout_cases_lines_and_fill():
+    from attnctl.evals import get_suite
+    from attnctl.evals.layout import built_in_layouts
+
+    suite = get_suite("layout")
+    layouts = built_in_layouts()
+    assert len(layouts) >= 40 and sum(len(r) == 2 for _, r in layouts) >= 40
+    assert len(suite.cases(None, 8)) == 8 * len(layouts)
+    line = "a red circle and a blue square | red circle: 0,0,0.5,1 | square: 0.5, 0, 1, 1"
+    (case,) = suite.cases([line], 1)
+    assert case.prompt == "a red circle and a blue square"
+    assert case.info["regions"][1] == {"phrase": "square", "box": [0.5, 0.0, 1.0, 1.0], "object": ["blue", "square"]}
+    filled = suite.controls_for({"regions": {"regions": [{"phrase": "x", "box": [0, 0, 1, 1]}], "mode": "hard"},
+                                 "maps": {"words": ["red"]}}, case)
+    assert filled["regions"] == {"mode": "hard", "regions": [{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]},
+                                                             {"phrase": "square", "box": [0.5, 0.0, 1.0, 1.0]}]}
+    assert filled["maps"] == {"words": ["red"]}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a red circle", r"line 1: .*at least one region"),
+    ("a red circle | red circle 0,0,1,1", r"line 1: region 'red circle 0,0,1,1': write 'PROMPT \| PHRASE"),
+    ("a red circle | red circle: 0,0,1", r"write 'PROMPT"),
+    ("a red circle | red circle: 0,0,1.5,1", r"in \[0, 1\]"),
+    ("a red circle | red thing: 0,0,1,1", r"names no shape"),
+    ("a red circle and a blue circle | circle: 0,0,1,1", r"in 2 colours"),
+])
+def test_layout_bad_lines(line, message):
+    from attnctl.errors import AttnctlError
+    from attnctl.evals import get_suite
+
+    with pytest.raises(AttnctlError, match=message):
+        get_suite("layout").cases([line], 1)
+
+
+def test_layout_scores_ground_truth_renders():
+    import numpy as np
+
+    from attnctl.evals import get_suite
+    from attnctl.shapes.data import Scene, ShapeObject, render
+    from attnctl.shapes.validate import box_iou
+
+    suite = get_suite("layout")
+    (case,) = suite.cases(["a red circle and a blue square | red circle: 0,0,0.5,1 | blue square: 0.5,0,1,1"], 1)
+    circle, square = (0.1, 0.3, 0.4, 0.6), (0.6, 0.3, 0.9, 0.6)
+    placed = np.asarray(render(Scene((ShapeObject("red", "circle", circle), ShapeObject("blue", "square", square)))))
+    scores = suite.score(case, placed)
+    assert scores["inside_region"] == 1.0 and scores["detected"] == 1.0
+    expected = (box_iou([0, 0, 0.5, 1], circle) + box_iou([0.5, 0, 1, 1], square)) / 2
+    assert abs(scores["mean_iou"] - expected) < 0.05  # the detector's boxes are within a pixel or two
+    swapped = np.asarray(render(Scene((ShapeObject("red", "circle", square), ShapeObject("blue", "square", circle)))))
+    assert suite.score(case, swapped)["inside_region"] == 0.0
+    alone = np.asarray(render(Scene((ShapeObject("red", "circle", circle),))))
+    scores = suite.score(case, alone)
+    assert scores["inside_region"] == 0.5 and scores["detected"] == 0.5 and scores["inside_if_detected"] == 1.0
+
+
+def test_layout_eval_runs_with_the_shipped_recipe(tmp_path):
+    import json
+
+    from attnctl.evals import run_eval
+
+    prompts = tmp_path / "layouts.txt"
+    prompts.write_text("a red circle and a blue square | red circle: 0,0,0.5,1 | blue square: 0.5,0,1,1\n")
+    recipe = tmp_path / "r.yaml"
+    shipped = Path(__file__).parent.parent / "recipes" / "regions.yaml"
+    recipe.write_text(shipped.read_text().replace("steps: 25", "steps: 2"))
+    out = tmp_path / "layout.json"
+    run_eval("layout", recipe=str(recipe), prompts=str(prompts), seeds=1, json_path=str(out), progress=False)
+    report = json.loads(out.read_text())
+    assert report["n"] == 1 and set(report["baseline"]) == {"inside_region", "mean_iou", "detected",
+                                                             "inside_if_detected"}
+    assert report["settings"]["controls"]["regions"]["mode"] == "soft"
+    assert report["controlled"] is not None and set(report["delta_ci95"]) >= {"inside_region", "mean_iou"}

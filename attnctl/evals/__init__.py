@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "presence": "attnctl.evals.presence:SUITE",
     "edit": "attnctl.evals.edit:SUITE",
     "interp": "attnctl.evals.interp:SUITE",
+    "layout": "attnctl.evals.layout:SUITE",
 }
 
 
