@@ -48,5 +48,5 @@ def main(args) -> int:
         return subprocess.run(cmd, env=dict(os.environ)).returncode
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {len(items)} image(s) to {folder}")
+        print(f"wrote {len(items)} item(s) to {folder}")
     return 0
