@@ -120,11 +120,17 @@ class AttentionCall:
         return [self.text.start + p for p in self.session.text_positions(sample, phrase)]
 
     def add_bias(self, bias: torch.Tensor) -> None:
-        """Add to the pre-softmax scores; ``bias`` broadcasts to (B, H, Sq, Sk) (a (Sk,) bias is per key)."""
+        """Add to the pre-softmax scores; ``bias`` broadcasts to (B, H, Sq, Sk) (a (Sk,) bias is per key).
+        A boolean bias (or an existing boolean attention mask) means True = may attend, i.e. 0 / -inf."""
         while bias.ndim < 4:
             bias = bias.unsqueeze(0)
-        bias = bias.to(self.q.dtype)
-        self.bias = bias if self.bias is None else self.bias + bias
+        bias = self._additive(bias)
+        self.bias = bias if self.bias is None else self._additive(self.bias) + bias
+
+    def _additive(self, bias: torch.Tensor) -> torch.Tensor:
+        if bias.dtype == torch.bool:
+            return torch.zeros(bias.shape, dtype=self.q.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
+        return bias.to(self.q.dtype)
 
     def perturb(self, u: torch.Tensor, mode: str = "full") -> None:
         """Move each (row, head) map towards identity by ``u`` (B, H) in [0, 1]. Strengths from several controls
@@ -243,6 +249,9 @@ class Session:
         self._token_cache: dict[tuple[str, str], list[int]] = {}
         self._undo: list[Any] = []
         self._call_started_at = 0.0
+        self._wrapped_scheduler = None
+        self._scheduler_originals: dict[int, Any] = {}
+        self._last_step: StepInfo | None = None
         self.forward_original = self.denoiser.forward
 
     # -- install / uninstall ---------------------------------------------------------------------------
@@ -297,10 +306,7 @@ class Session:
             self._undo.append(lambda module=module, original=original: module.set_processor(original))
         self._set_attr(self.denoiser, "forward", self._forward)
         self._forward_signature = inspect.signature(self.forward_original)
-        scheduler = getattr(self.pipe, "scheduler", None)
-        if scheduler is not None and hasattr(scheduler, "step"):
-            self._scheduler_step = scheduler.step
-            self._set_attr(scheduler, "step", self._step)
+        self._wrap_scheduler()
         if hasattr(self.pipe, "encode_prompt"):
             self._encode_prompt = self.pipe.encode_prompt
             self._encode_signature = inspect.signature(self._encode_prompt)
@@ -311,6 +317,18 @@ class Session:
         if hasattr(self.denoiser, "cache_context"):
             self._cache_context = self.denoiser.cache_context
             self._set_attr(self.denoiser, "cache_context", self._wrapped_cache_context)
+
+    def _wrap_scheduler(self) -> None:
+        """Wrap ``pipe.scheduler.step``; called again when a call starts with a scheduler swapped in meanwhile
+        (e.g. DDIM for an inverted image), whose ``step`` is then wrapped too (and restored on exit)."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "step") or scheduler is self._wrapped_scheduler:
+            return
+        self._wrapped_scheduler = scheduler
+        if id(scheduler) not in self._scheduler_originals:  # a scheduler swapped back in is wrapped already
+            self._scheduler_originals[id(scheduler)] = scheduler.step
+            self._set_attr(scheduler, "step", self._step)
+        self._scheduler_step = self._scheduler_originals[id(scheduler)]
 
     def uninstall(self) -> None:
         if self._call_open:
@@ -341,6 +359,8 @@ class Session:
         self._carry = None
         self._branch_name = None
         self._call_open, self._denoised_in_call = True, False
+        self._last_step = None
+        self._wrap_scheduler()
         self._call_started_at = time.perf_counter()
         for control in self.controls:
             control.on_call_start(self)
@@ -443,6 +463,7 @@ class Session:
         text = params.get(adapter.text_arg)
         frame = Frame(step, layout, adapter.latent_hw(params), text.shape[1] if text is not None else None, params)
         self._denoised_in_call = True
+        self._last_step = step
 
         # Protocol kind 3: latent updates, once per step, before the step's first denoiser call.
         if self._pending is not None and self._pending[0] == step.index:
@@ -560,7 +581,22 @@ class Session:
                     kwargs["sample"] = kwargs["sample"] + delta.to(kwargs["sample"].dtype)
             elif len(args) >= 3 and args[2].shape[0] == delta.shape[0]:
                 args = args[:2] + (args[2] + delta.to(args[2].dtype),) + args[3:]
-        return self._scheduler_step(*args, **kwargs)
+        result = self._scheduler_step(*args, **kwargs)
+        if self._last_step is None:
+            return result
+        # After-step hook: controls may change the new latents (e.g. an edit's local blend).
+        sample = result[0] if isinstance(result, tuple) else result.prev_sample
+        changed = False
+        for control in self.controls:
+            new = control.after_step(self._last_step, sample)
+            if new is not None:
+                sample, changed = new, True
+        if not changed:
+            return result
+        if isinstance(result, tuple):
+            return (sample,) + tuple(result[1:])
+        result.prev_sample = sample
+        return result
 
     # -- called by processors ------------------------------------------------------------------------
     def attention_call(self, site: Site, q, k, v, *, text: slice | None, image: slice, bias=None):

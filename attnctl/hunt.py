@@ -249,7 +249,7 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     pipe = pipe if pipe is not None else load(recipe.model, device=recipe.device, dtype=recipe.dtype)
     set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
     pipe.set_progress_bar_config(disable=True)
-    items = items_of(recipe)
+    items = [(item.prompt, item.seed) for item in items_of(recipe) if item.setting == 0]
     guidance = options.model_dump(exclude={"layers", "targets"}, exclude_defaults=False)
     settings = {"model": recipe.model, "items": [list(i) for i in items], "steps": recipe.steps,
                 "guidance_scale": recipe.guidance_scale, "size": [recipe.height, recipe.width],

@@ -6,6 +6,7 @@ by registry name (``maps``, later ``perturb``, ``excite``, ...); each control va
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,53 @@ class Recipe(StrictOptions):
     output: str = Field("runs", description="Folder in which each run gets a new subfolder.")
     save_maps: bool = Field(True, description="Save attention-map overlays when a maps control is present.")
     controls: dict[str, dict | list[dict]] = Field(default_factory=dict, description="Controls by registry name.")
+    sweep: dict[str, list] = Field(
+        default_factory=dict,
+        description="Fields that form a grid: a list of dotted paths whose values in the recipe are lists "
+                    "(e.g. [guidance_scale, controls.perturb.scale]), or a mapping path -> list of values.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_sweep(cls, data):
+        """Take each swept field's list of values out into ``sweep`` and put its first value in its place, so
+        the rest of validation sees one ordinary recipe; every combination is validated after."""
+        if not isinstance(data, dict) or not data.get("sweep"):
+            return data
+        sweep = data["sweep"]
+        if isinstance(sweep, str):
+            sweep = [sweep]
+        data = copy_data(data)
+        grid: dict[str, list] = {}
+        for path in sweep if isinstance(sweep, (list, dict)) else []:
+            if isinstance(path, str) and path.split(".")[0] in ("prompt", "seeds", "sweep"):
+                raise ValueError(f"sweep cannot name {path!r}: lists of prompts and seeds already make one "
+                                 "image each; sweep other fields (guidance_scale, steps, controls.X.option, ...)")
+        if isinstance(sweep, list):
+            for path in sweep:
+                if not isinstance(path, str):
+                    raise ValueError(f"sweep entries are dotted field paths (strings), got {path!r}")
+                head = path.split(".")[0]
+                if head not in data:
+                    known = list(cls.model_fields)
+                    hint = (f"; set {head}: [...] in the recipe" if head in known
+                            else did_you_mean(head, known) + f"; fields: {', '.join(known)}")
+                    raise ValueError(f"sweep names {path!r} but the recipe has no {head!r}{hint}")
+                values = get_path(data, path, "sweep")
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"sweep names {path!r}, so {path} must be a non-empty list of values "
+                                     f"(got {values!r}); e.g. {path}: [1, 2, 3]")
+                grid[path] = values
+        elif isinstance(sweep, dict):
+            for path, values in sweep.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"sweep.{path} must be a non-empty list of values, got {values!r}")
+                grid[str(path)] = values
+        else:
+            raise ValueError(f"sweep must be a list of field paths or a mapping path -> values, got {sweep!r}")
+        for path, values in grid.items():
+            set_path(data, path, values[0], "sweep", create=True)
+        data["sweep"] = grid
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -69,6 +117,36 @@ class Recipe(StrictOptions):
                     raise ValueError(format_validation_error(exc, f"controls.{name}", cls.Options)) from None
         return self
 
+    @model_validator(mode="after")
+    def _sweep_valid(self):
+        for setting in self.settings()[1:]:  # the first is the recipe itself, validated already
+            try:
+                self.at(setting)
+            except ValidationError as exc:
+                where = ", ".join(f"{k}={v!r}" for k, v in setting.items())
+                problems = []
+                for e in exc.errors():
+                    msg = e["msg"].removeprefix("Value error, ")
+                    loc = ".".join(str(x) for x in e["loc"])
+                    problems.append(f"{loc}: {msg}" if loc else msg)
+                raise ValueError(f"sweep setting ({where}) is invalid: " + "; ".join(problems)) from None
+        return self
+
+    def settings(self) -> list[dict[str, Any]]:
+        """Every combination of the swept values, as {path: value} (one empty setting when nothing is swept)."""
+        if not self.sweep:
+            return [{}]
+        paths = list(self.sweep)
+        return [dict(zip(paths, combo)) for combo in itertools.product(*(self.sweep[p] for p in paths))]
+
+    def at(self, setting: dict[str, Any]) -> "Recipe":
+        """The plain recipe (no sweep) of one setting."""
+        data = self.model_dump()
+        data["sweep"] = {}
+        for path, value in setting.items():
+            set_path(data, path, value, "sweep", create=True)
+        return type(self)(**data)
+
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -102,8 +180,60 @@ def _line_map(node, path=(), lines=None) -> dict[tuple, int]:
     return lines
 
 
+def copy_data(data):
+    """A deep copy of plain YAML data (dicts, lists, scalars)."""
+    if isinstance(data, dict):
+        return {k: copy_data(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [copy_data(v) for v in data]
+    return data
+
+
+def _step(container, part: str, path: str, where: str):
+    if isinstance(container, dict):
+        if part not in container:
+            raise RecipeError(f"{where} {path!r}: no key {part!r} here" + did_you_mean(part, container)
+                              + (f"; keys: {', '.join(map(str, container))}" if container else ""))
+        return container[part]
+    if isinstance(container, list):
+        if not part.lstrip("-").isdigit() or not -len(container) <= int(part) < len(container):
+            raise RecipeError(f"{where} {path!r}: {part!r} is not an index of a list of {len(container)} "
+                              f"(use 0..{len(container) - 1})")
+        return container[int(part)]
+    raise RecipeError(f"{where} {path!r}: cannot go into {part!r}, the value there is {container!r}")
+
+
+def get_path(data: dict, path: str, where: str = "path"):
+    """The value at dotted ``path`` (dict keys, or list indices such as ``prompt.1``)."""
+    value = data
+    for part in path.split("."):
+        value = _step(value, part, path, where)
+    return value
+
+
+def set_path(data: dict, path: str, value, where: str = "path", create: bool = False) -> None:
+    """Set dotted ``path`` in nested dicts/lists; missing dict keys are created only when ``create``."""
+    parts = path.split(".")
+    target = data
+    for part in parts[:-1]:
+        if create and isinstance(target, dict) and part not in target:
+            target[part] = {}
+        target = _step(target, part, path, where)
+    last = parts[-1]
+    if isinstance(target, list):
+        _step(target, last, path, where)
+        target[int(last)] = value
+    elif isinstance(target, dict):
+        if not create and last not in target:
+            _step(target, last, path, where)
+        target[last] = value
+    else:
+        raise RecipeError(f"{where} {path!r}: {'.'.join(parts[:-1])} is {target!r}, not a mapping or list")
+
+
 def set_override(data: dict, assignment: str) -> None:
-    """Apply ``key.sub=value`` (value parsed as YAML) to a recipe dict."""
+    """Apply ``key.sub=value`` (value parsed as YAML) to a recipe dict; list items by index (``prompt.1=...``,
+    ``controls.regions.0.phrase=...``)."""
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: write key=value, e.g. --set steps=10")
     key, _, raw = assignment.partition("=")
@@ -111,13 +241,7 @@ def set_override(data: dict, assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
-    target = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise RecipeError(f"--set {assignment!r}: {part} is not a mapping")
-    target[parts[-1]] = value
+    set_path(data, key.strip(), value, f"--set {assignment!r}:", create=True)
 
 
 def load_recipe(source: str | Path | dict, overrides: list[str] = ()) -> Recipe:
@@ -153,7 +277,11 @@ def load_recipe(source: str | Path | dict, overrides: list[str] = ()) -> Recipe:
             line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
             at = f"{where}:{line}" if line else where
             field = ".".join(str(x) for x in loc) or "(top level)"
-            if err["type"] == "extra_forbidden":
+            if not loc:  # whole-recipe checks (sweep): the message names the fields itself
+                msg = err["msg"].removeprefix("Value error, ")
+                line = lines.get(("sweep",)) if "sweep" in msg else None
+                problems.append(f"{where}:{line}: {msg}" if line else f"{where}: {msg}")
+            elif err["type"] == "extra_forbidden":
                 key = str(loc[-1])
                 problems.append(f"{at}: unknown key {key!r}{did_you_mean(key, Recipe.model_fields)}; allowed: "
                                 f"{', '.join(Recipe.model_fields)}")

@@ -1,17 +1,32 @@
 """Recipe -> images + ``run.json`` in a new run folder. The CLI, the app and tests all call ``run_recipe``.
 
-Every run gets a fresh folder (never overwritten). After each image the folder is consistent: the PNG (with
-the recipe, prompt and seed in its text metadata) and a ``run.json`` written atomically, so Ctrl-C or an error
-leaves the finished images and a valid ``run.json`` (``status`` says how the run ended).
+Every run gets a fresh folder (never overwritten). An *item* is one image: (sweep setting, prompt, seed),
+setting-major; each item is one pipeline call with its own seeded generator, so an item's image does not depend
+on which other items ran, in which process, or in what order. After each image the folder is consistent: the
+PNG (with the item's own recipe, prompt and seed in its text metadata, enough to re-run it alone) and a
+``run.json`` written atomically, so Ctrl-C or an error leaves the finished images and a valid ``run.json``
+(``status`` says how the run ended). Sweeps and multi-image runs also get ``contact_sheet.png``.
+
+Scale-out: under ``accelerate launch --num_processes N --multi_gpu -m attnctl run RECIPE`` (also on CPU) each
+process takes the items ``i`` with ``i % N == rank``; process 0 makes the folder and, at the end, gathers every
+process's records into the one ``run.json``.
+
+A control may generate an item itself (an edit needs source and target rows in one call): if it has
+``generate_item(pipe, prompt, seed, kwargs) -> dict | None``, it is called inside the item's ``apply`` with the
+call's keyword arguments instead of ``pipe(prompt, **kwargs)``, and returns ``{"image": PIL image or None,
+"extra": {name: PIL image or None}, "files": {name: bytes}, "info": {...}}``; the image is the item's PNG, extra
+images are saved as ``<stem>_<name>.png`` and other files (a GIF) as ``<stem>_<name>``, all listed under ``files``
+in the item's ``run.json`` entry, ``info`` under ``info``. ``None`` falls back to the plain call. A control class
+with ``takes_all_prompts = True`` (interpolation) gets every prompt of the recipe at once: one item per seed.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +35,21 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import RecipeError
 from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a run: its index in the whole run, its sweep setting and its prompt and seed."""
+
+    index: int
+    setting: int
+    values: tuple[tuple[str, object], ...]
+    prompt: str | tuple[str, ...]  # a tuple: a control that takes every prompt at once (interpolation)
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:04d}" + (f"_set{self.setting}" if self.values else "") + f"_seed{self.seed}"
 
 
 def new_run_folder(base: Path, name: str) -> Path:
@@ -36,7 +66,7 @@ def new_run_folder(base: Path, name: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -51,9 +81,19 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def items_of(recipe: Recipe) -> list[tuple[str, int]]:
-    """(prompt, seed) for every image, prompt-major."""
-    return list(itertools.product(recipe.prompts, recipe.seed_list))
+def items_of(recipe: Recipe) -> list[Item]:
+    """Every item of ``recipe``: setting-major, then prompt, then seed. With a control that takes all prompts at
+    once (``takes_all_prompts``, e.g. interpolation between them) an item is (setting, seed) with every prompt."""
+    from .controls import control_class
+
+    items = []
+    for k, setting in enumerate(recipe.settings()):
+        sub = recipe.at(setting) if setting else recipe
+        together = any(getattr(control_class(name), "takes_all_prompts", False) for name in sub.controls)
+        for prompt in [tuple(sub.prompts)] if together else sub.prompts:
+            for seed in sub.seed_list:
+                items.append(Item(len(items), k, tuple(setting.items()), prompt, seed))
+    return items
 
 
 def set_scheduler(pipe, name: str | None, options: dict) -> None:
@@ -74,71 +114,216 @@ def set_scheduler(pipe, name: str | None, options: dict) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
 
 
+class _Processes:
+    """This process's place among the launched ones (accelerate), or a single process."""
+
+    def __init__(self, distributed: bool | None):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state = None
+        if distributed or (distributed is None and world > 1):
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank = self.state.process_index if self.state else 0
+        self.world = self.state.num_processes if self.state else 1
+        self.device = str(self.state.device) if self.state and self.world > 1 else None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value):
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box)
+        return box[0]
+
+    def gather(self, values: list) -> list:
+        if self.world == 1:
+            return values
+        from accelerate.utils import gather_object
+
+        return gather_object(values)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "run", progress: bool = True,
-               pipe=None) -> Path:
-    """Generate every (prompt, seed) of ``recipe``; returns the run folder."""
+               pipe=None, distributed: bool | None = None) -> Path:
+    """Generate every item of ``recipe``; returns the run folder. ``distributed=None`` follows the launcher
+    (``WORLD_SIZE`` > 1 under accelerate/torchrun); ``pipe`` reuses an already loaded pipeline."""
     from tqdm.auto import tqdm
 
-    from .controls.maps import Maps
     from .engine import apply
-    from .heatmap import overlay
     from .models import load
 
-    pipe = pipe if pipe is not None else load(recipe.model, device=recipe.device, dtype=recipe.dtype)
-    set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
-    controls = recipe.build_controls()
-    pipe.set_progress_bar_config(disable=not progress, leave=False)
-    folder = new_run_folder(Path(out or recipe.output), name)
-    device = str(getattr(pipe, "device", "cpu"))
-    record = {"status": "running", "recipe": recipe.model_dump(), "versions": _versions(), "device": device,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "images": []}
-    _write_json(folder / "run.json", record)
-    recipe_text = yaml.safe_dump(recipe.model_dump(), sort_keys=False)
+    procs = _Processes(distributed)
+    items = items_of(recipe)
+    folder = procs.broadcast(str(new_run_folder(Path(out or recipe.output), name)) if procs.main else None)
+    folder = Path(folder)
+    record = {"status": "running", "recipe": recipe.model_dump(), "settings": recipe.settings(),
+              "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": procs.world,
+              "images": []}
+    own_json = folder / ("run.json" if procs.world == 1 else f"run.rank{procs.rank}.json")
+    _write_json(own_json, record)
+    if procs.world > 1 and procs.main:
+        _write_json(folder / "run.json", record)  # replaced by the gathered record at the end
+
+    mine = [it for it in items if it.index % procs.world == procs.rank]
+    pipes: dict[tuple, object] = {}
+    default_scheduler = {}
     try:
-        with apply(pipe, controls) as session:
-            for index, (prompt, seed) in enumerate(tqdm(items_of(recipe), desc="images", disable=not progress)):
-                kwargs = dict(num_inference_steps=recipe.steps, guidance_scale=recipe.guidance_scale,
-                              generator=torch.Generator("cpu").manual_seed(seed))
-                if recipe.negative_prompt is not None:
-                    kwargs["negative_prompt"] = recipe.negative_prompt
-                if recipe.height:
-                    kwargs["height"] = recipe.height
-                if recipe.width:
-                    kwargs["width"] = recipe.width
-                start = time.perf_counter()
-                image = pipe(prompt, **kwargs).images[0]
-                seconds = time.perf_counter() - start
-                info = PngInfo()
-                info.add_text("attnctl:recipe", recipe_text)
-                info.add_text("attnctl:prompt", prompt)
-                info.add_text("attnctl:seed", str(seed))
-                stem = f"{index:04d}_seed{seed}"
-                image.save(folder / f"{stem}.png", pnginfo=info)
-                entry = {"file": f"{stem}.png", "prompt": prompt, "seed": seed, "seconds": round(seconds, 4),
-                         "diagnostics": session.last_run().get("controls", {})}
-                if recipe.save_maps:
-                    for control in controls:
-                        if isinstance(control, Maps):
-                            entry["maps"] = {}
-                            missing = {m["word"] for m in entry["diagnostics"].get("maps", {}).get("missing", [])}
-                            for word, values in control.maps.items():
-                                if word in missing:
-                                    continue
-                                map_file = f"{stem}_map_{word.replace(' ', '_').replace('#', '-')}.png"
-                                overlay(image, values[0]).save(folder / map_file)
-                                entry["maps"][word] = map_file
-                record["images"].append(entry)
-                _write_json(folder / "run.json", record)
+        bar = tqdm(mine, desc="images", disable=not progress or not procs.main)
+        current = None
+        for item in bar:
+            if current is None or current[0] != item.setting:
+                sub = recipe.at(dict(item.values)) if item.values else recipe
+                key = (sub.model, sub.device, sub.dtype)
+                if key not in pipes:
+                    pipes[key] = pipe if (pipe is not None and sub.model == recipe.model) else load(
+                        sub.model, device=procs.device or sub.device, dtype=sub.dtype)
+                    default_scheduler[key] = pipes[key].scheduler
+                    pipes[key].set_progress_bar_config(disable=not progress or not procs.main, leave=False)
+                p = pipes[key]
+                p.scheduler = default_scheduler[key]
+                set_scheduler(p, sub.scheduler, sub.scheduler_options)
+                current = (item.setting, sub, p, sub.build_controls(),
+                           yaml.safe_dump(sub.model_dump(exclude={"sweep"}), sort_keys=False))
+                record.setdefault("device", str(getattr(p, "device", "cpu")))
+                if item.values:
+                    bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in item.values))
+            _, sub, p, controls, recipe_text = current
+            entry = _generate(item, sub, p, controls, recipe_text, folder, apply)
+            if procs.world > 1:
+                entry["process"] = procs.rank
+            record["images"].append(entry)
+            _write_json(own_json, record)
     except KeyboardInterrupt:
         record["status"] = "interrupted"
-        _write_json(folder / "run.json", record)
+        _write_json(own_json, record)
         raise
     except BaseException as exc:
         record["status"] = "failed"
         record["error"] = str(exc)
-        _write_json(folder / "run.json", record)
+        _write_json(own_json, record)
         raise
     record["status"] = "complete"
-    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_json(folder / "run.json", record)
+    if procs.world > 1:
+        procs.barrier()
+        parts = procs.gather([record])
+        if procs.main:
+            record = dict(parts[0])
+            record["images"] = sorted((e for part in parts for e in part["images"]), key=lambda e: e["index"])
+            record["status"] = "complete" if all(p["status"] == "complete" for p in parts) else "failed"
+            record["devices"] = sorted({p.get("device", "?") for p in parts})
+        procs.barrier()
+    if procs.main:
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if len(items) > 1:
+            contact_sheet(folder, record["images"], recipe).save(folder / "contact_sheet.png")
+            record["contact_sheet"] = "contact_sheet.png"
+        _write_json(folder / "run.json", record)
+        for rank in range(1, procs.world):
+            (folder / f"run.rank{rank}.json").unlink(missing_ok=True)
+        if procs.world > 1:
+            (folder / "run.rank0.json").unlink(missing_ok=True)
+    procs.barrier()
     return folder
+
+
+def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, folder: Path, apply) -> dict:
+    """One pipeline call for ``item``; writes its PNG (and map overlays) and returns its run.json entry."""
+    from .controls.maps import Maps
+    from .heatmap import overlay
+
+    kwargs = dict(num_inference_steps=recipe.steps, guidance_scale=recipe.guidance_scale,
+                  generator=torch.Generator("cpu").manual_seed(item.seed))
+    if recipe.negative_prompt is not None:
+        kwargs["negative_prompt"] = recipe.negative_prompt
+    if recipe.height:
+        kwargs["height"] = recipe.height
+    if recipe.width:
+        kwargs["width"] = recipe.width
+    start = time.perf_counter()
+    prompt = list(item.prompt) if isinstance(item.prompt, tuple) else item.prompt
+    with apply(pipe, controls) as session:
+        made = next((m for c in controls if hasattr(c, "generate_item")
+                     for m in [c.generate_item(pipe, prompt, item.seed, kwargs)] if m is not None), None)
+        image = pipe(prompt, **kwargs).images[0] if made is None else made.get("image")
+        diagnostics = session.last_run().get("controls", {})
+    seconds = time.perf_counter() - start
+    info = PngInfo()
+    info.add_text("attnctl:recipe", recipe_text)
+    info.add_text("attnctl:prompt", prompt if isinstance(prompt, str) else json.dumps(prompt))
+    info.add_text("attnctl:seed", str(item.seed))
+    entry = {"index": item.index, "file": None, "prompt": prompt, "seed": item.seed, "seconds": round(seconds, 4),
+             "diagnostics": diagnostics}
+    if image is not None:
+        image.save(folder / f"{item.stem}.png", pnginfo=info)
+        entry["file"] = f"{item.stem}.png"
+    if made is not None:  # a generating control: more images, other files (GIF), its own metadata
+        entry["files"], entry["info"] = {}, made.get("info", {})
+        for name, extra in made.get("extra", {}).items():
+            if extra is not None:
+                extra.save(folder / f"{item.stem}_{name}.png", pnginfo=info)
+                entry["files"][name] = f"{item.stem}_{name}.png"
+        for name, data in made.get("files", {}).items():
+            (folder / f"{item.stem}_{name}").write_bytes(data)
+            entry["files"][name] = f"{item.stem}_{name}"
+    if item.values:
+        entry["setting"] = item.setting
+        entry["values"] = dict(item.values)
+    if recipe.save_maps:
+        for control in controls:
+            if isinstance(control, Maps):
+                entry["maps"] = {}
+                missing = {m["word"] for m in diagnostics.get("maps", {}).get("missing", [])}
+                for word, values in control.maps.items():
+                    if word in missing:
+                        continue
+                    map_file = f"{item.stem}_map_{word.replace(' ', '_').replace('#', '-')}.png"
+                    overlay(image, values[0]).save(folder / map_file)
+                    entry["maps"][word] = map_file
+    return entry
+
+
+def contact_sheet(folder: Path, entries: list[dict], recipe: Recipe, cell: int = 128):
+    """One image with a row per (setting, prompt) and a column per seed, each row labelled."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows: dict[tuple, dict[int, str]] = {}
+    labels: dict[tuple, str] = {}
+    seeds: list[int] = []
+    for e in entries:
+        if not e.get("file"):
+            continue
+        prompt = e["prompt"] if isinstance(e["prompt"], str) else " -> ".join(e["prompt"])
+        key = (e.get("setting", 0), prompt)
+        rows.setdefault(key, {})[e["seed"]] = e["file"]
+        values = ", ".join(f"{k}={v}" for k, v in e.get("values", {}).items())
+        labels[key] = (values + " | " if values else "") + prompt
+        if e["seed"] not in seeds:
+            seeds.append(e["seed"])
+    font = ImageFont.load_default()
+    label_h = 14
+    images = {(key, seed): Image.open(folder / name).convert("RGB")
+              for key, by_seed in rows.items() for seed, name in by_seed.items()}
+    col = max([cell] + [round(img.width * cell / img.height) for img in images.values()])  # wide strips
+    sheet = Image.new("RGB", (max(1, len(seeds)) * col, len(rows) * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, key in enumerate(rows):
+        y = r * (cell + label_h)
+        draw.text((2, y + 1), labels[key][: sheet.width // 6], fill="black", font=font)
+        for c, seed in enumerate(seeds):
+            if (key, seed) in images:
+                img = images[(key, seed)]
+                scale = cell / img.height
+                img = img.resize((max(1, round(img.width * scale)), cell),
+                                 Image.NEAREST if scale >= 1 else Image.LANCZOS)
+                sheet.paste(img, (c * col, y + label_h))
+    return sheet

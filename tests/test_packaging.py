@@ -28,6 +28,7 @@ def test_wheel_installs_and_runs(tmp_path):
     located = run(str(python), "-c", "import attnctl; print(attnctl.__file__)")
     assert str(venv) in located  # the installed wheel, not the repository
     assert "run" in run(str(venv / "bin" / "attnctl"), "--help")
+    assert "--port" in run(str(venv / "bin" / "attnctl"), "app", "--help")
     assert "single_transformer_blocks.0.attn" in run(str(venv / "bin" / "attnctl"), "layers", "tiny:flux")
     # The embedded model ships inside the wheel (setup.py copies assets/ to attnctl/assets) and loads offline.
     loaded = run(str(python), "-c", "import attnctl; from attnctl.models import assets_dir; "

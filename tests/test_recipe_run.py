@@ -24,7 +24,7 @@ def _write(tmp_path, text):
 
 
 @pytest.mark.parametrize("text, message", [
-    (GOOD + "stepz: 3\n", r"r.yaml:6: unknown key 'stepz' \(did you mean 'steps'\?\)"),
+    (GOOD + "stepz: 3\n", r"r.yaml:6: unknown key 'stepz' \(did you mean 'steps'"),
     (GOOD.replace("steps: 2", "steps: -1"), r"r.yaml:3: steps = -1: .*greater than or equal to 1"),
     (GOOD.replace("steps: 2", "steps: many"), r"r.yaml:3: steps = 'many'"),
     (GOOD.replace("height: 32", "height: 33"), r"r.yaml:4: height = 33: must be a multiple of 16"),
@@ -40,10 +40,39 @@ def _write(tmp_path, text):
     ("prompt: !!python/object/apply:os.system ['echo hi']\n", r"not valid YAML"),
     (GOOD + "dtype: float8\n", r"dtype = 'float8'"),
     (GOOD + "guidance_scale: 1000\n", r"guidance_scale"),
+    (GOOD + "guidance_scale: [3, -1]\nsweep: [guidance_scale]\n",
+     r"r.yaml:7: sweep setting \(guidance_scale=-1\) is invalid: guidance_scale: .*greater than or equal to 0"),
+    (GOOD + "sweep: [guidance_scal]\n", r"no 'guidance_scal' \(did you mean 'guidance_scale'\?\)"),
+    (GOOD + "sweep: [guidance_scale]\n", r"set guidance_scale: \[...\] in the recipe"),
+    (GOOD + "guidance_scale: 3\nsweep: [guidance_scale]\n", r"must be a non-empty list of values \(got 3\)"),
+    (GOOD + "sweep: [prompt]\n", r"sweep cannot name 'prompt'"),
+    (GOOD + "controls:\n  maps: {words: [red]}\nsweep: {controls.maps.window.stop: [0.5, 2]}\n",
+     r"controls.maps.window.stop=2\) is invalid: .*less than or equal to 1"),
 ])
 def test_bad_recipes(tmp_path, text, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_write(tmp_path, text))
+
+
+def test_sweep_grid_and_list_overrides():
+    recipe = load_recipe({"prompt": ["a red circle", "a blue star"], "guidance_scale": [3, 6], "steps": [2, 4],
+                          "sweep": ["guidance_scale", "steps"], "controls": {"maps": {"words": ["red"]}}},
+                         ["prompt.1=a green square", "controls.maps.words=[green]"])
+    assert recipe.settings() == [{"guidance_scale": 3, "steps": 2}, {"guidance_scale": 3, "steps": 4},
+                                 {"guidance_scale": 6, "steps": 2}, {"guidance_scale": 6, "steps": 4}]
+    last = recipe.at(recipe.settings()[-1])
+    assert (last.guidance_scale, last.steps, last.sweep) == (6.0, 4, {})
+    assert last.prompts == ["a red circle", "a green square"] and last.controls == {"maps": {"words": ["green"]}}
+    from attnctl.run import items_of
+
+    items = items_of(recipe)
+    assert len(items) == 8 and [i.index for i in items] == list(range(8))
+    assert [i.stem for i in items[:3]] == ["0000_set0_seed0", "0001_set0_seed0", "0002_set1_seed0"]
+    mapped = load_recipe({"prompt": "x", "controls": {"maps": {"words": ["x"]}},
+                          "sweep": {"controls.maps.window.start": [0.0, 0.5]}})
+    assert mapped.at(mapped.settings()[1]).controls["maps"]["window"] == {"start": 0.5}
+    with pytest.raises(RecipeError, match=r"'5' is not an index of a list of 2 \(use 0..1\)"):
+        load_recipe({"prompt": ["a", "b"]}, ["prompt.5=c"])
 
 
 def test_bad_overrides_and_files(tmp_path):
@@ -116,3 +145,52 @@ def test_schema_and_dry_run(capsys):
     assert "maps" in schema["properties"]["controls"]["properties"]
     assert main(["run", str(RECIPES[0]), "--dry-run"]) == 0
     assert "is valid" in capsys.readouterr().out
+
+
+SWEEP = ("model: tiny:sd15\nprompt: a red circle\nseeds: [0, 1]\nsteps: 2\nheight: 32\nwidth: 32\n"
+         "guidance_scale: [3.0, 6.0]\nsweep: [guidance_scale]\ncontrols:\n  maps: {words: [circle]}\n")
+
+
+def _pixels(folder: Path) -> dict[str, bytes]:
+    return {p.name: Image.open(p).tobytes() for p in sorted(folder.glob("0*_seed*.png")) if "_map_" not in p.name}
+
+
+def test_sweep_run_contact_sheet_and_item_recipes(tmp_path):
+    recipe = load_recipe(_write(tmp_path, SWEEP))
+    folder = run_recipe(recipe, out=tmp_path / "runs", progress=False)
+    record = json.loads((folder / "run.json").read_text())
+    assert [(e["file"], e["values"]) for e in record["images"]] == [
+        ("0000_set0_seed0.png", {"guidance_scale": 3.0}), ("0001_set0_seed1.png", {"guidance_scale": 3.0}),
+        ("0002_set1_seed0.png", {"guidance_scale": 6.0}), ("0003_set1_seed1.png", {"guidance_scale": 6.0})]
+    assert record["settings"] == [{"guidance_scale": 3.0}, {"guidance_scale": 6.0}]
+    sheet = Image.open(folder / record["contact_sheet"])
+    assert sheet.size[0] == 2 * 128 and sheet.size[1] > 2 * 128
+    pixels = _pixels(folder)
+    assert pixels["0000_set0_seed0.png"] != pixels["0002_set1_seed0.png"]  # the swept value matters
+    # Each PNG carries its own setting's recipe: re-running it alone reproduces the image.
+    text = Image.open(folder / "0002_set1_seed0.png").text["attnctl:recipe"]
+    single = load_recipe(_write(tmp_path, text), ["seeds=[0]"])
+    assert single.guidance_scale == 6.0 and not single.sweep
+    again = run_recipe(single, out=tmp_path / "again", progress=False)
+    assert Image.open(again / "0000_seed0.png").tobytes() == pixels["0002_set1_seed0.png"]
+
+
+def test_two_process_sweep_equals_one_process(tmp_path):
+    """accelerate with 2 CPU processes: every item exactly once, the same PNGs as a 1-process run."""
+    import os
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, SWEEP)
+    one = run_recipe(load_recipe(path), out=tmp_path / "one", progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "attnctl", "run", str(path), "--out", str(tmp_path / "two"),
+                           "--quiet", "--distributed", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (two,) = (tmp_path / "two").iterdir()
+    record = json.loads((two / "run.json").read_text())
+    assert record["status"] == "complete" and record["processes"] == 2
+    assert [e["index"] for e in record["images"]] == [0, 1, 2, 3]
+    assert sorted(e["process"] for e in record["images"]) == [0, 0, 1, 1]
+    assert not list(two.glob("run.rank*.json"))
+    assert _pixels(two) == _pixels(one) and len(_pixels(one)) == 4

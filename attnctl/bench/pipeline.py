@@ -33,7 +33,10 @@ from .overhead import QUICK, SIZES
 SETTINGS: dict[str, str] = {
     "baseline": "attnctl.bench.pipeline:baseline",
     "cfg": "attnctl.bench.pipeline:cfg",
-    "cfg+pag": "attnctl.bench.pag:cfg_pag", "cfg+pag[0-0.2]": "attnctl.bench.pag:cfg_pag_early",
+    "cfg+pag": "attnctl.bench.pag:cfg_pag",
+    "cfg+pag[0-0.2]": "attnctl.bench.pag:cfg_pag_early",
+    "cfg+excite": "attnctl.bench.excite:cfg_excite",
+    "diffusers-excite": "attnctl.bench.excite:diffusers_excite",
 }
 
 PROMPT = "a red circle and a blue square"

@@ -17,6 +17,8 @@ VERBS = {
     "bench": "attnctl.cli.bench",
     "hunt": "attnctl.cli.hunt",
     "eval": "attnctl.cli.eval",
+    "train": "attnctl.cli.train",
+    "app": "attnctl.cli.app",
 }
 
 

@@ -9,25 +9,44 @@ def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="path to a recipe YAML file")
     parser.add_argument("--out", default=None, help="parent folder for the run folder (default: recipe's output)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set steps=10 --set controls.maps.words=[cat]")
+                        help="override a recipe value, e.g. --set steps=10 --set controls.maps.words=[cat] "
+                             "--set prompt.1='a blue star' (list items by index)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print what would run, generate nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--distributed", type=int, default=None, metavar="N",
+                        help="split the items over N processes (launches `accelerate launch --multi_gpu "
+                             "--num_processes N -m attnctl run ...`; works on CPU too)")
 
 
 def main(args) -> int:
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
 
+    from ..errors import RecipeError
     from ..recipe import load_recipe
     from ..run import items_of, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     items = items_of(recipe)
     if args.dry_run:
-        print(f"recipe {args.recipe} is valid: model {recipe.model}, {len(items)} image(s), {recipe.steps} steps, "
-              f"controls: {', '.join(recipe.controls) or 'none'}")
-        for prompt, seed in items:
-            print(f"  seed {seed}: {prompt}")
+        settings = recipe.settings()
+        print(f"recipe {args.recipe} is valid: model {recipe.model}, {len(items)} image(s), "
+              f"{len(settings)} setting(s), controls: {', '.join(recipe.controls) or 'none'}")
+        for item in items:
+            values = ", ".join(f"{k}={v}" for k, v in item.values)
+            print(f"  {item.stem}: seed {item.seed}: {item.prompt}" + (f"  [{values}]" if values else ""))
         return 0
+    if args.distributed is not None:
+        if args.distributed < 1:
+            raise RecipeError(f"--distributed {args.distributed}: give a number of processes >= 1")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.distributed), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "attnctl", "run", args.recipe] + [f"--set={o}" for o in args.overrides]
+        cmd += (["--out", args.out] if args.out else []) + (["--quiet"] if args.quiet else [])
+        return subprocess.run(cmd, env=dict(os.environ)).returncode
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
-    print(f"wrote {len(items)} image(s) to {folder}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {len(items)} item(s) to {folder}")
     return 0

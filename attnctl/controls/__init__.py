@@ -3,7 +3,14 @@
 from .base import CONTROLS, Control, StepWindow, control_class, register
 
 # Registry: one line per control module. A new control adds its file and one line here.
-_MODULES = ("maps", "perturb")
+_MODULES = (
+    "maps",
+    "perturb",
+    "regions",
+    "excite",
+    "edit",
+    "interpolate",
+)
 
 
 def _load_all() -> None:

@@ -11,7 +11,8 @@ a control implements the ones its technique needs:
 3. ``wants_latent_update(step)`` + ``update_latents(update)``: a latent change before a denoiser step
    (Attend-and-Excite), computed with gradients through ``update.denoise``; step 0 included.
 4. Coupling across rows (interpolation endpoints, edit source -> target) is done inside ``on_attention`` with
-   the call's ``layout`` (which row is which branch of which sample).
+   the call's ``layout`` (which row is which branch of which sample); ``after_step(step, latents)`` may change
+   the latents a scheduler step produced (one row per sample), e.g. an edit's local blend.
 
 Per-pipeline-call state lives on the control between ``on_call_start`` and ``on_call_end``; the engine calls
 both for every pipeline call so nothing leaks between runs. A control is used by one ``apply`` at a time.
@@ -64,6 +65,7 @@ class Control:
     name: ClassVar[str] = ""
     Options: ClassVar[type[StrictOptions]] = StrictOptions
     families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl", "sd3", "flux")
+    takes_all_prompts: ClassVar[bool] = False  # attnctl run: one item per seed holding every prompt
 
     def __init__(self, options: StrictOptions | dict | None = None, **kwargs: Any):
         if isinstance(options, self.Options):
@@ -111,6 +113,10 @@ class Control:
 
     def update_latents(self, update: LatentUpdate) -> torch.Tensor | None:
         """Return a change for ``update.z`` (one row per sample), or None."""
+        return None
+
+    def after_step(self, step: StepInfo, latents: torch.Tensor) -> torch.Tensor | None:
+        """After ``scheduler.step`` at ``step``: return new latents (same shape, one row per sample), or None."""
         return None
 
 

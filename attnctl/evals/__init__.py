@@ -18,6 +18,9 @@ from .base import Case, Settings, Suite, paired_bootstrap, print_side_by_side, r
 SUITES: dict[str, str] = {
     "quality": "attnctl.evals.quality:SUITE",
     "presence": "attnctl.evals.presence:SUITE",
+    "edit": "attnctl.evals.edit:SUITE",
+    "interp": "attnctl.evals.interp:SUITE",
+    "layout": "attnctl.evals.layout:SUITE",
 }
 
 

@@ -143,3 +143,24 @@ def test_decoder_finetune_keeps_the_encoder_and_is_exported(tmp_path):
     after = AutoencoderKL.from_pretrained(T.export_pipeline(tmp_path, tmp_path / "p2") / "vae").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+
+def test_train_verb_smoke_and_resume(tmp_path, capsys):
+    """`attnctl train --tiny` trains, writes a loadable pipeline, and a second call resumes (no new steps)."""
+    from attnctl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "shapes", "--out", str(out), "--tiny", "--quiet", "--device", "cpu",
+                 "--set", "steps=2"]) == 0
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["step"] == 2 and state["config"]["steps"] == 2
+    assert "pipeline in" in capsys.readouterr().out
+    import attnctl
+
+    pipe = attnctl.load(str(out / "pipeline"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert main(["train", "shapes", "--out", str(out), "--tiny", "--quiet", "--device", "cpu",
+                 "--set", "steps=2"]) == 0
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    assert main(["train", "shapes", "--out", str(out), "--tiny", "--set", "stepz=2"]) == 2
+    assert "unknown training option" in capsys.readouterr().err

@@ -1,0 +1,341 @@
+"""Inversion of a real image into the initial latent that regenerates it, for every family.
+
+``invert(pipe, image, prompt, steps)`` encodes the image with the pipeline's VAE and runs the sampler backwards:
+
+- UNet family (SD1.x/2.x): deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) on a ``DDIMScheduler``
+  built from the pipeline's scheduler config (trailing spacing, so the first step sees t = 999).
+  Regeneration must use that scheduler: ``Inversion.scheduler_in(pipe)`` swaps it in for the call.
+- SD3 / FLUX (flow matching): Euler inversion on the pipeline's own sigma schedule
+  (x_{s_hi} = x_{s_lo} - (s_lo - s_hi) v).
+
+Both are the same linear step run backwards. A sampling step is ``x_low = A x_high + B f(x_high, t)`` (DDIM: A, B
+from the alphas and the prediction type; Euler: A = 1, B = s_low - s_high), so inversion is
+``x_high = (x_low - B f(x_high, t)) / A`` with f evaluated at x_low (the usual DDIM-inversion approximation) and,
+with ``refine=k``, k fixed-point iterations that re-evaluate f at the current estimate of x_high (as in
+ReNoise / fixed-point inversion), which shrinks the approximation error.
+
+The denoiser is called with exactly the arguments the pipeline itself would pass (text embeddings, pooled
+projections, FLUX's ids and guidance, ...): a probe call of the pipeline records them at its first denoiser
+call and stops. So no family-specific conditioning code lives here; only the VAE encoding differs (SD3/FLUX
+shift the latents, FLUX packs them into 2x2 tokens).
+
+Quality fix under classifier-free guidance (``fix``): inversion follows the conditional prediction, but
+regeneration with CFG w > 1 drifts away from it. ``negative-prompt`` (Miyake et al. 2023, "Negative-prompt
+Inversion") regenerates with the source prompt as the negative prompt: the source row's guided prediction then
+equals the conditional one exactly, so the path inverts. Only rows whose prompt is the inverted prompt get it;
+other rows (an edit's targets) keep ordinary CFG with the caller's negative prompt (default empty). Negative-prompt
+Inversion also gives the targets the source prompt as negative; on ShapesWorld that extrapolates away from the
+source's shape too (a red circle edited to blue came out as blue star fragments; with the empty negative it came
+out a blue circle in the source's box). ``none`` keeps the user's negative prompt (no fix).
+Guidance-distilled FLUX has no CFG batch and needs no fix.
+
+Image input: PIL images, uint8 arrays (H, W, 3) or float arrays / tensors in [0, 1]. Any PIL mode is converted
+to RGB (alpha is composited on white). An image whose size differs from the requested ``height`` x ``width``
+(default: the model's native size) is resized (bicubic) with ``resize=True`` (the default); with
+``resize=False`` it is an error naming both sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .adapters import adapter_for
+from .errors import ControlError
+
+FIXES = ("negative-prompt", "none")
+
+
+@dataclass
+class Inversion:
+    """An inverted image. ``latents``: the initial latent in the pipeline's own format (1, ...), i.e. what the
+    pipeline's ``latents=`` argument takes ((1, C, h, w); FLUX: packed (1, h*w/4, 4C)).
+
+    ``generate_kwargs(prompts)`` gives the pipeline-call arguments that regenerate it (one row per prompt, all
+    starting from the same latent); run the call inside ``scheduler_in(pipe)``.
+    """
+
+    latents: torch.Tensor
+    prompt: str
+    steps: int
+    guidance_scale: float
+    fix: str
+    height: int
+    width: int
+    scheduler: object | None = None
+    call_kwargs: dict = field(default_factory=dict)
+    image: np.ndarray | None = None  # the (resized) input, uint8 (H, W, 3)
+
+    def generate_kwargs(self, prompts: list[str] | None = None) -> dict:
+        prompts = [self.prompt] if prompts is None else list(prompts)
+        kwargs = dict(self.call_kwargs)
+        kwargs.update(prompt=prompts, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                      height=self.height, width=self.width,
+                      latents=self.latents.expand(len(prompts), *self.latents.shape[1:]).clone())
+        if self.fix == "negative-prompt" and self.guidance_scale > 1:
+            other = kwargs.pop("negative_prompt", None) or ""
+            if not isinstance(other, str):
+                raise ControlError("inversion: give one negative prompt string for the rows other than the source")
+            kwargs["negative_prompt"] = [self.prompt if p == self.prompt else other for p in prompts]
+        return kwargs
+
+    @contextlib.contextmanager
+    def scheduler_in(self, pipe) -> Iterator[None]:
+        """Use the inversion's scheduler for the calls in this block (DDIM for the UNet family)."""
+        with use_scheduler(pipe, self.scheduler):
+            yield
+
+
+@contextlib.contextmanager
+def use_scheduler(pipe, scheduler) -> Iterator[None]:
+    """Temporarily replace ``pipe.scheduler`` (None: leave it). Enter it *before* ``attnctl.apply``: the engine
+    wraps the scheduler object it finds when it installs."""
+    if scheduler is None:
+        yield
+        return
+    previous = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = previous
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The pipeline's default (height, width) in pixels."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        size = unet.config.sample_size
+    else:
+        size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return int(size) * factor, int(size) * factor
+
+
+def load_image(image, height: int, width: int, *, resize: bool = True) -> np.ndarray:
+    """Any supported image input -> uint8 (height, width, 3). See the module docstring for the rules."""
+    from PIL import Image
+
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        try:
+            image = Image.open(image)
+            image.load()
+        except OSError as exc:
+            raise ControlError(f"cannot read the image {str(image)!r}: {exc}") from None
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy()
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+            raise ControlError(f"image: expected (H, W), (H, W, 1|3|4) or (1|3|4, H, W), got shape {image.shape}")
+        if arr.dtype != np.uint8:
+            if arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+                raise ControlError(f"image: float pixel values must lie in [0, 1], got [{arr.min():.3g}, "
+                                   f"{arr.max():.3g}] (pass uint8 for 0..255)")
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+        image = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
+    if not isinstance(image, Image.Image):
+        raise ControlError(f"image: expected a path, PIL image, array or tensor, got {type(image).__name__}")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        if not resize:
+            raise ControlError(f"image is {image.size[0]}x{image.size[1]} (width x height) but the model runs at "
+                               f"{width}x{height}; resize it, pass height/width, or allow resize=True")
+        image = image.resize((width, height), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def encode_image(pipe, image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> the pipeline's latent format (posterior mean; SD3/FLUX shifted; FLUX packed)."""
+    vae = pipe.vae
+    device, dtype = vae.device, vae.dtype
+    x = torch.from_numpy(image).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
+    with torch.no_grad():
+        latents = vae.encode(x.to(dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (latents - shift) * vae.config.scaling_factor
+    if hasattr(pipe, "_pack_latents"):  # FLUX: 2x2 patches as tokens
+        b, c, h, w = latents.shape
+        latents = pipe._pack_latents(latents, b, c, h, w)
+    return latents
+
+
+class _Probed(Exception):
+    """Raised from the denoiser's pre-hook to stop the probe call."""
+
+
+def probe(pipe, prompt: str, steps: int, guidance_scale: float, latents: torch.Tensor, **call_kwargs):
+    """Run the pipeline up to its first denoiser call; return (denoiser kwargs, timesteps, sigmas or None)."""
+    adapter = adapter_for(pipe)
+    denoiser = adapter.denoiser(pipe)
+    signature = inspect.signature(type(denoiser).forward)
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        arguments = dict(signature.bind(module, *args, **kwargs).arguments)
+        arguments.pop("self", None)
+        extra = arguments.pop("kwargs", None)
+        if isinstance(extra, dict):
+            arguments.update(extra)
+        captured.update(arguments)
+        raise _Probed
+
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+             output_type="latent", **call_kwargs)
+    except _Probed:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ControlError("inversion: the pipeline never called its denoiser")
+    scheduler = pipe.scheduler
+    sigmas = getattr(scheduler, "sigmas", None)
+    return captured, scheduler.timesteps.clone(), (sigmas.clone() if sigmas is not None else None)
+
+
+def _ddim_scheduler(pipe):
+    from diffusers import DDIMScheduler
+
+    config = dict(pipe.scheduler.config)
+    config.update(timestep_spacing="trailing", clip_sample=False, thresholding=False)
+    return DDIMScheduler.from_config(config)
+
+
+def _ddim_coefficients(scheduler, steps: int) -> list[tuple[float, float, float]]:
+    """(t, A, B) per sampling step: DDIMScheduler.step (eta 0) computes x_prev = A x_t + B model_output."""
+    scheduler.set_timesteps(steps)
+    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    kind = scheduler.config.prediction_type
+    out = []
+    for t in scheduler.timesteps.tolist():
+        a_t = float(scheduler.alphas_cumprod[t])
+        prev = t - ratio
+        a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+        s_t, r_t, s_p, r_p = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_prev), math.sqrt(1 - a_prev)
+        if kind == "epsilon":  # x0 = (x - r_t e) / s_t
+            a, b = s_p / s_t, r_p - s_p * r_t / s_t
+        elif kind == "v_prediction":  # x0 = s_t x - r_t v, e = r_t x + s_t v
+            a, b = s_p * s_t + r_p * r_t, r_p * s_t - s_p * r_t
+        elif kind == "sample":  # e = (x - s_t x0) / r_t
+            a, b = r_p / r_t, s_p - r_p * s_t / r_t
+        else:
+            raise ControlError(f"inversion: unsupported prediction_type {kind!r}")
+        out.append((float(t), a, b))
+    return out
+
+
+def _flow_coefficients(sigmas: torch.Tensor, timesteps: torch.Tensor) -> list[tuple[float, float, float]]:
+    """(t, A, B) per Euler step of FlowMatchEulerDiscreteScheduler: x_next = x + (s_next - s) v."""
+    s = sigmas.double().tolist()
+    return [(float(t), 1.0, s[i + 1] - s[i]) for i, t in enumerate(timesteps.tolist())]
+
+
+def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float = 5.0, fix: str = "negative-prompt",
+           height: int | None = None, width: int | None = None, resize: bool = True, refine: int = 0,
+           **call_kwargs) -> Inversion:
+    """Invert ``image`` under ``prompt`` with ``steps`` sampling steps; see the module docstring.
+
+    ``guidance_scale`` is the scale the regeneration (and the edit) will use: with ``fix="negative-prompt"`` the
+    source row is guided towards itself, so the scale only matters for target rows. ``refine``: fixed-point
+    iterations per step (0 = plain DDIM / Euler inversion; each costs one more denoiser call per step).
+    ``call_kwargs`` (e.g. FLUX's ``max_sequence_length``) go to the probe and to every regeneration call.
+    """
+    if fix not in FIXES:
+        raise ControlError(f"inversion fix {fix!r} is not known; allowed: {', '.join(FIXES)}")
+    if steps < 1:
+        raise ControlError(f"inversion steps must be >= 1, got {steps}")
+    adapter = adapter_for(pipe)
+    default_h, default_w = native_size(pipe)
+    height, width = height or default_h, width or default_w
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * (2 if hasattr(pipe, "_pack_latents") else 1)
+    if height % multiple or width % multiple:
+        raise ControlError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
+    pixels = load_image(image, height, width, resize=resize)
+    clean = encode_image(pipe, pixels)
+
+    scheduler = None
+    if getattr(pipe, "unet", None) is not None:
+        scheduler = _ddim_scheduler(pipe)
+    with use_scheduler(pipe, scheduler):
+        # Conditional prediction only (guidance 1 for CFG pipelines; FLUX keeps its distilled guidance value).
+        probe_guidance = guidance_scale if adapter.family == "flux" else 1.0
+        params, timesteps, sigmas = probe(pipe, prompt, steps, probe_guidance, clean.clone(), height=height,
+                                          width=width, **call_kwargs)
+        if scheduler is not None:
+            coefficients = _ddim_coefficients(scheduler, steps)
+        else:
+            if sigmas is None:
+                raise ControlError(f"inversion: {type(pipe.scheduler).__name__} has no sigmas; flow-matching "
+                                   "inversion needs FlowMatchEulerDiscreteScheduler")
+            coefficients = _flow_coefficients(sigmas, timesteps)
+    denoiser = adapter.denoiser(pipe)
+    template = params.get("timestep")
+
+    def predict(x: torch.Tensor, t: float) -> torch.Tensor:
+        args = dict(params)
+        args[adapter.latent_arg] = x.to(params[adapter.latent_arg].dtype)
+        value = t / adapter.timestep_scale
+        if isinstance(template, torch.Tensor):
+            args["timestep"] = torch.full_like(template, value)
+        else:
+            args["timestep"] = value
+        out = denoiser(**args)
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        return out.float()
+
+    x = clean.float()
+    with torch.no_grad():
+        for t, a, b in reversed(coefficients):
+            low = x
+            high = (low - b * predict(low, t)) / a
+            for _ in range(refine):
+                high = (low - b * predict(high, t)) / a
+            x = high
+    return Inversion(latents=x.to(clean.dtype), prompt=prompt, steps=steps, guidance_scale=guidance_scale, fix=fix,
+                     height=height, width=width, scheduler=scheduler, call_kwargs=dict(call_kwargs), image=pixels)
+
+
+def regenerate(pipe, inversion: Inversion, prompts: list[str] | None = None, **overrides):
+    """Run the pipeline from the inverted latent (``output_type`` defaults to ``"np"``)."""
+    kwargs = inversion.generate_kwargs(prompts)
+    kwargs.setdefault("output_type", "np")
+    kwargs.update(overrides)
+    with inversion.scheduler_in(pipe):
+        return pipe(**kwargs)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of two uint8 or [0, 1] images (H, W, 3); ``mask`` (H, W) bool restricts the pixels compared."""
+    a = a.astype(np.float64) / (255.0 if a.dtype == np.uint8 else 1.0)
+    b = b.astype(np.float64) / (255.0 if b.dtype == np.uint8 else 1.0)
+    diff = (a - b) ** 2
+    if mask is not None:
+        if not mask.any():
+            return float("nan")
+        diff = diff[mask]
+    mse = float(diff.mean())
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+__all__ = ["FIXES", "Inversion", "encode_image", "invert", "load_image", "native_size", "psnr", "regenerate",
+           "use_scheduler"]
