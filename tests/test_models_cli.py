@@ -54,11 +54,18 @@ def test_cli_errors_are_short(capsys):
 
 def test_bench_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
-    assert main(["bench", "overhead", "--quick", "--repeats", "1", "--families", "sd15,flux",
+    assert main(["bench", "overhead", "--quick", "--repeats", "1", "--families", "sd15,shapes",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["family"] for r in rows] == ["sd15", "flux"]
+    assert [r["family"] for r in rows] == ["sd15", "shapes"]
     assert {"family", "stock_s", "attnctl_s", "overhead"} <= set(rows[0])
+    assert rows[1]["size"] == "64x64" and rows[1]["calls_per_step"] > 0  # the embedded model, as users run it
+
+
+def test_bench_unknown_family_is_a_clear_error(capsys):
+    assert main(["bench", "overhead", "--families", "shape"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark family 'shape' (did you mean 'shapes'" in err and "allowed: sd15" in err
 
 
 def test_bench_pipeline_smoke(tmp_path):

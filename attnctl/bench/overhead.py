@@ -1,6 +1,7 @@
-"""``attnctl bench overhead``: per-step time of each tiny family, stock vs. through attnctl with no control.
+"""``attnctl bench overhead``: per-step time of each family, stock vs. through attnctl with no control.
 
-Sizes are chosen so one step takes at least ~20 ms on 2 CPU cores (CONTRACTS.md, Benchmarks); stock and
+Families: the tiny random pipelines (``sd15``, ``sdxl``, ``sd3``, ``flux``) and the embedded trained models
+(``shapes``, ``shapes-dit``, 64 px at 25 steps as a user runs them). Sizes are chosen so one step takes at least ~20 ms on 2 CPU cores (CONTRACTS.md, Benchmarks); stock and
 attnctl runs alternate (A B A B ...) so drift hits both, and the median of ``repeats`` runs is reported with
 min and max. ``us_per_call`` is the extra time per attention call.
 """
@@ -12,15 +13,50 @@ import time
 
 import torch
 
-# (height, width, steps) per family: about 20-60 ms per step on 2 cores.
-SIZES = {"sd15": (96, 96, 4), "sdxl": (128, 128, 4), "sd3": (96, 96, 4), "flux": (128, 128, 4)}
-QUICK = {"sd15": (32, 32, 2), "sdxl": (32, 32, 2), "sd3": (32, 32, 2), "flux": (32, 32, 2)}
+from ..errors import AttnctlError, did_you_mean
+
+# (height, width, steps) per family: at least ~20 ms per step on 2 cores; the embedded models as users run them.
+SIZES = {"sd15": (96, 96, 4), "sdxl": (128, 128, 4), "sd3": (96, 96, 4), "flux": (192, 192, 4),
+         "shapes": (64, 64, 25), "shapes-dit": (64, 64, 25)}
+QUICK = {"sd15": (32, 32, 2), "sdxl": (32, 32, 2), "sd3": (32, 32, 2), "flux": (32, 32, 2),
+         "shapes": (64, 64, 2), "shapes-dit": (64, 64, 2)}
+EMBEDDED = ("shapes", "shapes-dit")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", *EMBEDDED)
+
+
+def check_families(families) -> list[str]:
+    """The requested families (default: all), each one known, or an error naming the allowed ones."""
+    names = list(families or FAMILIES)
+    for name in names:
+        if name not in SIZES:
+            raise AttnctlError(f"unknown benchmark family {name!r}{did_you_mean(name, FAMILIES)}; "
+                               f"allowed: {', '.join(FAMILIES)}")
+    return names
+
+
+def bench_pipeline(family: str):
+    """The pipeline a benchmark times: a tiny random one, or an embedded model loaded like a user would."""
+    if family in EMBEDDED:
+        from ..models import load
+
+        return load(family)
+    from ..testing import tiny_pipeline
+
+    return tiny_pipeline(family)
+
+
+def call_kwargs(family: str, steps: int, height: int, width: int) -> dict:
+    """Keyword arguments of one seeded call (latents out, no VAE decode) at the benchmark's size."""
+    if family in EMBEDDED:
+        return dict(num_inference_steps=steps, height=height, width=width, guidance_scale=4.5,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+    from ..testing import tiny_call_kwargs
+
+    return tiny_call_kwargs(family, steps=steps, height=height, width=width)
 
 
 def _timed(pipe, family, height, width, steps) -> float:
-    from ..testing import tiny_call_kwargs
-
-    kwargs = tiny_call_kwargs(family, steps=steps, height=height, width=width)
+    kwargs = call_kwargs(family, steps, height, width)
     start = time.perf_counter()
     with torch.no_grad():
         pipe("a red circle and a blue square", **kwargs)
@@ -29,12 +65,11 @@ def _timed(pipe, family, height, width, steps) -> float:
 
 def run(repeats: int = 5, families=None, quick: bool = False):
     from ..engine import apply
-    from ..testing import TINY_FAMILIES, tiny_pipeline
 
     rows = []
-    for family in families or TINY_FAMILIES:
+    for family in check_families(families):
         height, width, steps = (QUICK if quick else SIZES)[family]
-        pipe = tiny_pipeline(family)
+        pipe = bench_pipeline(family)
         _timed(pipe, family, height, width, steps)  # warm-up
         stock, ours, calls = [], [], 0
         for _ in range(max(1, repeats)):

@@ -1,4 +1,4 @@
-"""``attnctl bench pipeline``: seconds per image and peak memory of each setting on each tiny family.
+"""``attnctl bench pipeline``: seconds per image and peak memory of each setting on each family (tiny random pipelines and the embedded models).
 
 Settings are a registry, ``SETTINGS = {name: "module:function"}``: the core gives ``baseline`` (no CFG) and
 ``cfg``; each control issue adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AttnctlError, did_you_mean
-from .overhead import QUICK, SIZES
+from .overhead import QUICK, SIZES, bench_pipeline, call_kwargs, check_families
 
 # Registry: one line per setting. Control issues add theirs here.
 SETTINGS: dict[str, str] = {
@@ -45,7 +45,7 @@ NEGATIVE = "a green triangle"
 
 @dataclass
 class BenchContext:
-    """What a setting needs: the family, its tiny pipeline and the keyword arguments of one plain call.
+    """What a setting needs: the family, its pipeline (tiny, or an embedded model) and the keyword arguments of one plain call.
 
     ``kwargs()`` returns fresh call arguments (a new seeded generator each time) for prompt ``PROMPT`` at the
     benchmark's size and step count, CFG on (``guidance_scale`` 5; FLUX: true CFG 4 with a negative prompt).
@@ -59,9 +59,7 @@ class BenchContext:
     extra: dict = field(default_factory=dict)
 
     def kwargs(self, cfg: bool = True, **overrides) -> dict:
-        from ..testing import tiny_call_kwargs
-
-        kwargs = tiny_call_kwargs(self.family, steps=self.steps, height=self.height, width=self.width)
+        kwargs = call_kwargs(self.family, self.steps, self.height, self.width)
         kwargs["prompt"] = PROMPT
         if self.family == "flux":  # guidance-distilled: CFG means true CFG with a negative prompt
             if cfg:
@@ -100,10 +98,8 @@ def _peak_mb() -> float:
 
 def measure(family: str, setting: str, repeats: int, quick: bool) -> dict:
     """Time ``setting`` on ``family`` in this process (call it in a fresh one for a meaningful peak)."""
-    from ..testing import tiny_pipeline
-
-    height, width, steps = (QUICK if quick else SIZES)[family]
-    pipe = tiny_pipeline(family)
+    height, width, steps = (QUICK if quick else SIZES)[check_families([family])[0]]
+    pipe = bench_pipeline(family)
     if torch.cuda.is_available():
         pipe.to("cuda")
     ctx = BenchContext(family, pipe, height, width, steps)
@@ -123,14 +119,13 @@ def measure(family: str, setting: str, repeats: int, quick: bool) -> dict:
 
 
 def run(repeats: int = 5, families=None, quick: bool = False, settings=None):
-    from ..testing import TINY_FAMILIES
-
     names = list(settings or SETTINGS)
+    families = check_families(families)
     for name in names:
         _setting(name)  # unknown names fail before any process starts
     rows = []
     env = dict(os.environ)
-    for family in families or TINY_FAMILIES:
+    for family in families:
         for name in names:
             cmd = [sys.executable, "-m", "attnctl.bench.pipeline", "--family", family, "--setting", name,
                    "--repeats", str(repeats)] + (["--quick"] if quick else [])
