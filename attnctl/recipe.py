@@ -108,6 +108,7 @@ class Recipe(StrictOptions):
 
     @model_validator(mode="after")
     def _controls_known(self):
+        producers = []  # controls that make the whole item themselves (generate_item): at most one per recipe
         for name, options in self.controls.items():
             cls = control_class(name)  # ControlError with did-you-mean for unknown names
             for entry in options if isinstance(options, list) else [options]:
@@ -115,6 +116,13 @@ class Recipe(StrictOptions):
                     cls.Options(**entry)
                 except ValidationError as exc:
                     raise ValueError(format_validation_error(exc, f"controls.{name}", cls.Options)) from None
+                if hasattr(cls, "generate_item"):
+                    producers.append(name)
+        if len(producers) > 1:
+            raise ValueError(
+                f"controls: {' and '.join(repr(p) for p in producers)} each produce the whole output (a sequence, "
+                "an edit) and cannot share one recipe; run them as two recipes. They combine with the other "
+                "controls (perturb, excite, regions, maps)")
         return self
 
     @model_validator(mode="after")

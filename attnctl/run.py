@@ -178,10 +178,17 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
     pipes: dict[tuple, object] = {}
     default_scheduler = {}
     try:
-        bar = tqdm(mine, desc="images", disable=not progress or not procs.main)
+        # Bars: the sweep's settings (when there are several), this run's images, and the pipeline's steps.
+        show = progress and procs.main
+        n_settings = len({it.setting for it in mine})
+        sweep_bar = tqdm(total=n_settings, desc="sweep", unit="setting", position=0,
+                         disable=not show or n_settings <= 1)
+        bar = tqdm(mine, desc="images", unit="image", position=int(n_settings > 1), disable=not show)
         current = None
         for item in bar:
             if current is None or current[0] != item.setting:
+                if current is not None:
+                    sweep_bar.update(1)
                 sub = recipe.at(dict(item.values)) if item.values else recipe
                 key = (sub.model, sub.device, sub.dtype)
                 if key not in pipes:
@@ -196,13 +203,17 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                            yaml.safe_dump(sub.model_dump(exclude={"sweep"}), sort_keys=False))
                 record.setdefault("device", str(getattr(p, "device", "cpu")))
                 if item.values:
-                    bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in item.values))
+                    sweep_bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in item.values))
             _, sub, p, controls, recipe_text = current
             entry = _generate(item, sub, p, controls, recipe_text, folder, apply)
             if procs.world > 1:
                 entry["process"] = procs.rank
             record["images"].append(entry)
             _write_json(own_json, record)
+        if current is not None:
+            sweep_bar.update(1)
+        sweep_bar.close()
+        bar.close()
     except KeyboardInterrupt:
         record["status"] = "interrupted"
         _write_json(own_json, record)

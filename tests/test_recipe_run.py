@@ -48,6 +48,8 @@ def _write(tmp_path, text):
     (GOOD + "sweep: [prompt]\n", r"sweep cannot name 'prompt'"),
     (GOOD + "controls:\n  maps: {words: [red]}\nsweep: {controls.maps.window.stop: [0.5, 2]}\n",
      r"controls.maps.window.stop=2\) is invalid: .*less than or equal to 1"),
+    (GOOD + "controls:\n  interpolate: {frames: 3}\n  edit: {}\n",
+     r"'interpolate' and 'edit' each produce the whole output .* cannot share one recipe"),
 ])
 def test_bad_recipes(tmp_path, text, message):
     with pytest.raises(RecipeError, match=message):
@@ -194,3 +196,16 @@ def test_two_process_sweep_equals_one_process(tmp_path):
     assert sorted(e["process"] for e in record["images"]) == [0, 0, 1, 1]
     assert not list(two.glob("run.rank*.json"))
     assert _pixels(two) == _pixels(one) and len(_pixels(one)) == 4
+
+
+def test_sweep_has_its_own_progress_bar(tmp_path, capsys):
+    recipe = load_recipe({"model": "tiny:sd15", "prompt": "a red circle", "steps": 2, "height": 32, "width": 32,
+                          "guidance_scale": [3, 6], "seeds": [0, 1], "sweep": ["guidance_scale"]})
+    run_recipe(recipe, out=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "sweep: 100%" in err and "2/2" in err and "guidance_scale=6" in err  # settings bar, with the values
+    assert "images: 100%" in err and "4/4" in err
+    recipe = load_recipe({"model": "tiny:sd15", "prompt": "a red circle", "steps": 2, "height": 32, "width": 32})
+    run_recipe(recipe, out=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "sweep" not in err and "images: 100%" in err  # no sweep: no settings bar
