@@ -88,13 +88,17 @@ def read_run(folder: Path, recipe_text: str) -> Result:
     seconds = 0.0
     for entry in record["images"]:
         label = f"{entry['prompt']} (seed {entry['seed']}" + (f", {entry['setting']})" if entry.get("setting") else ")")
-        result.images.append((folder / entry["file"], label))
+        if entry.get("file"):
+            result.images.append((folder / entry["file"], label))
+        for name, extra in entry.get("files", {}).items():  # a generating control's other images (edit: source,
+            if extra.endswith(".png"):                        # mask; interpolation: its frames), beside the result
+                result.images.append((folder / extra, f"{name}: {label}"))
         for word, map_file in entry.get("maps", {}).items():
             result.maps.append((folder / map_file, f"{word}: {label}"))
         seconds += entry["seconds"]
     animations = sorted(folder.glob("*.gif")) + sorted(folder.glob("*.webp"))
     result.animation = animations[0] if animations else None
-    n = len(result.images)
+    n = len(record["images"])
     result.summary = (f"{n} image{'s' * (n != 1)} on `{record['recipe']['model']}` in {seconds:.1f} s"
                       f" ({record.get('device', '?')}); controls: {', '.join(record['recipe']['controls']) or 'none'}")
     return result

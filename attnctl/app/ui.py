@@ -27,6 +27,7 @@ MODELS = ("shapes", "shapes-dit", "tiny:sd15", "tiny:sdxl", "tiny:sd3", "tiny:fl
 TAB_NOTES = {
     "Regions": "The `regions` control is not installed in this version of attnctl.",
     "Interpolate": "The `interpolate` control is not installed in this version of attnctl.",
+    "Edit": "The `edit` control is not installed in this version of attnctl.",
     "Head search": "Head search (`attnctl.hunt`) is not installed in this version of attnctl.",
 }
 

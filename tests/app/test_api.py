@@ -109,3 +109,24 @@ def test_layers_lists_kinds_groups_layers_and_heads(client):
                                       maps__layers=["mid_block.attentions.0.transformer_blocks.0.attn2:heads=3"],
                                       api_name="/generate", **FAST)
     assert len(maps) == 1
+
+
+def test_edit_tab_returns_target_source_and_mask_side_by_side(client, tmp_path):
+    images, _, _, summary, recipe_file, _ = client.predict(
+        prompt="a red circle", edit__enabled=True, edit__target="a blue circle",
+        edit__blend__words="red, blue", api_name="/generate", **FAST)
+    assert [item["caption"] for item in images] == [
+        "a red circle (seed 1)", "source: a red circle (seed 1)", "mask: a red circle (seed 1)"]
+    target, source = pixels(images[0]["image"]), pixels(images[1]["image"])
+    assert target.shape == source.shape == (64, 64, 3) and not np.array_equal(target, source)
+    assert "1 image on `shapes`" in summary and "edit" in summary
+    assert load_recipe(recipe_file).controls["edit"]["target"] == "a blue circle"
+    # A real image (a file on the server; in the page, the upload fills this path): inverted under the source
+    # prompt, then edited; the recipe names the file.
+    real = tmp_path / "real.png"
+    Image.fromarray(source).save(real)
+    images, *_, recipe_text = client.predict(
+        prompt="a red circle", edit__enabled=True, edit__target="a blue circle", edit__image=str(real),
+        api_name="/generate", **FAST)
+    assert [item["caption"].split(":")[0] for item in images] == ["a red circle (seed 1)", "source"]
+    assert yaml.safe_load(recipe_text)["controls"]["edit"]["image"] == str(real)

@@ -16,6 +16,7 @@ PANELS = {
     "maps": "attnctl.app.panels.maps:PANEL",
     "regions": "attnctl.app.panels.regions:PANEL",
     "hunt": "attnctl.app.panels.hunt:PANEL",
+    "edit": "attnctl.app.panels.edit:PANEL",
 }
 
 # Tabs of the generated panels of controls that have no panel of their own.

@@ -14,7 +14,7 @@ from ..forms import Field, fields_of, initial_value, options_from, values_from
 if TYPE_CHECKING:
     from ..ui import AppContext
 
-TABS = ("Generate", "Attention maps", "Regions", "Interpolate", "Head search")
+TABS = ("Generate", "Attention maps", "Regions", "Interpolate", "Edit", "Head search")
 
 
 class Panel:
