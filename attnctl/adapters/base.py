@@ -7,6 +7,7 @@ branch on the family. Adding a family is one file in this folder plus one regist
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ class TextSegment:
     max_length: int
 
 
+def import_path(path: str):
+    """The object at ``"package.module:Name"``."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class Adapter:
     """Base class: one subclass per family (``unet``: SD1.x/2.x and SDXL, ``sd3``, ``flux``)."""
 
@@ -56,18 +63,23 @@ class Adapter:
     unbatched_args: frozenset[str] = frozenset()
     timestep_scale: float = 1.0  # the pipeline passes timestep / scale to the denoiser (FLUX: t / 1000)
     processor_classes: frozenset[str] = frozenset()
+    # Declarations the discovery methods below read ("module:Class" paths, imported when first needed).
+    denoiser_class: str = ""  # the pipeline's denoiser that identifies the family
+    attention_class: str = "diffusers.models.attention_processor:Attention"
+    processor: type | None = None  # the family's attention processor: processor(site, session, original)
 
     # -- discovery -------------------------------------------------------------------------------------------
     @classmethod
     def matches(cls, pipe) -> bool:
-        raise NotImplementedError
+        """Whether ``pipe``'s denoiser (``denoiser_attr``) is an instance of ``denoiser_class``."""
+        return isinstance(getattr(pipe, cls.denoiser_attr, None), import_path(cls.denoiser_class))
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
 
     def module_class(self) -> type:
         """The attention module class of this family."""
-        raise NotImplementedError
+        return import_path(self.attention_class)
 
     def kind_of(self, module) -> str:
         raise NotImplementedError
@@ -82,7 +94,7 @@ class Adapter:
         return found
 
     def make_processor(self, site: Site, session, original):
-        raise NotImplementedError
+        return self.processor(site, session, original)
 
     # -- per denoiser call ---------------------------------------------------------------------------------
     def latent_hw(self, params: dict) -> tuple[int, int]:

@@ -74,23 +74,12 @@ class FluxAdapter(Adapter):
     unbatched_args = frozenset({"txt_ids", "img_ids"})
     timestep_scale = 1000.0  # FluxPipeline passes t / 1000
     processor_classes = frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"})
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        from diffusers import FluxTransformer2DModel
-
-        return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
-
-    def module_class(self):
-        from diffusers.models.transformers.transformer_flux import FluxAttention
-
-        return FluxAttention
+    denoiser_class = "diffusers:FluxTransformer2DModel"
+    attention_class = "diffusers.models.transformers.transformer_flux:FluxAttention"
+    processor = FluxProcessor
 
     def kind_of(self, module):
         return "joint" if module.added_kv_proj_dim is not None else "single"
-
-    def make_processor(self, site, session, original):
-        return FluxProcessor(site, session, original)
 
     def latent_hw(self, params):
         ids = params.get("img_ids")

@@ -73,23 +73,11 @@ class SD3Adapter(Adapter):
     denoiser_attr = "transformer"
     latent_arg = "hidden_states"
     processor_classes = frozenset({"JointAttnProcessor2_0"})
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        from diffusers import SD3Transformer2DModel
-
-        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
-
-    def module_class(self):
-        from diffusers.models.attention_processor import Attention
-
-        return Attention
+    denoiser_class = "diffusers:SD3Transformer2DModel"
+    processor = SD3Processor
 
     def kind_of(self, module):
         return "joint" if getattr(module, "add_k_proj", None) is not None else "self"
-
-    def make_processor(self, site, session, original):
-        return SD3Processor(site, session, original)
 
     def latent_hw(self, params):
         hidden = params["hidden_states"]

@@ -72,23 +72,11 @@ class UNetAdapter(Adapter):
     denoiser_attr = "unet"
     latent_arg = "sample"
     processor_classes = frozenset({"AttnProcessor2_0", "AttnProcessor"})
-
-    @classmethod
-    def matches(cls, pipe) -> bool:
-        from diffusers import UNet2DConditionModel
-
-        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
-
-    def module_class(self):
-        from diffusers.models.attention_processor import Attention
-
-        return Attention
+    denoiser_class = "diffusers:UNet2DConditionModel"
+    processor = UNetProcessor
 
     def kind_of(self, module):
         return "cross" if module.is_cross_attention else "self"
-
-    def make_processor(self, site, session, original):
-        return UNetProcessor(site, session, original)
 
     def latent_hw(self, params):
         sample = params["sample"]
