@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Adapter, TextSegment
-from .processor import AttnctlProcessor
+from .processor import AttnctlProcessor, split_heads
 
 
 class SD3Processor(AttnctlProcessor):
@@ -16,27 +16,14 @@ class SD3Processor(AttnctlProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states), attn.norm_q, attn.norm_k)
         n_image = query.shape[2]
         text = None
         if encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = split_heads(attn, attn.add_q_proj(encoder_hidden_states),
+                                     attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states),
+                                     attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
@@ -51,7 +38,7 @@ class SD3Processor(AttnctlProcessor):
                                                            dropout_p=0.0, is_causal=False)
         else:
             hidden_states = call.compute()
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
 
         if encoder_hidden_states is not None:

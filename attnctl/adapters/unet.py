@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Adapter, TextSegment
-from .processor import AttnctlProcessor
+from .processor import AttnctlProcessor, split_heads
 
 
 class UNetProcessor(AttnctlProcessor):
@@ -35,16 +35,8 @@ class UNetProcessor(AttnctlProcessor):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, query, attn.to_k(encoder_hidden_states),
+                                        attn.to_v(encoder_hidden_states), attn.norm_q, attn.norm_k)
 
         call = self.session.attention_call(
             self.site, query, key, value, text=slice(0, key.shape[2]) if is_cross else None,
@@ -56,7 +48,7 @@ class UNetProcessor(AttnctlProcessor):
         else:
             hidden_states = call.compute()
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
