@@ -224,7 +224,8 @@ def with_sample(out, sample: torch.Tensor):
 class Session:
     """The state of one ``apply``: the pipeline, its adapter and sites, the controls and the current call."""
 
-    def __init__(self, pipe, controls: Iterable[Control] = (), *, backend: str | None = None):
+    def __init__(self, pipe, controls: Iterable[Control] = (), *, backend: str | None = None,
+                 share_prefix: bool = True):
         self.pipe = pipe
         self.adapter = adapter_for(pipe)
         self.family = self.adapter.family
@@ -253,6 +254,11 @@ class Session:
         self._scheduler_originals: dict[int, Any] = {}
         self._last_step: StepInfo | None = None
         self.forward_original = self.denoiser.forward
+        self.share_prefix = share_prefix
+        self._join: tuple[list[int], int, Frame] | None = None  # (rows, n, wide frame): rows joining late
+        self._joined_at: str | None = None  # the block where they joined in this pipeline call
+        self._join_block: int | None = None  # index (in adapter.blocks) of the first block with a hooked site
+        self._blocks: list[tuple[str, torch.nn.Module]] = []
 
     # -- install / uninstall ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -317,6 +323,50 @@ class Session:
         if hasattr(self.denoiser, "cache_context"):
             self._cache_context = self.denoiser.cache_context
             self._set_attr(self.denoiser, "cache_context", self._wrapped_cache_context)
+        if self.share_prefix and any(type(c).branches is not Control.branches for c in self.controls):
+            self._install_late_rows()
+
+    def _install_late_rows(self) -> None:
+        """Hooks that let an extra branch's rows join the batch at the first block with a hooked site.
+
+        Extra rows are copies of the cond rows, and before the first block where any control acts on attention
+        every row computes exactly what its cond row computes; so the denoiser runs the original rows up to that
+        block, and a pre-hook there (and on every later block and tail module) widens each batch-major argument
+        with the copies. PAG on SDXL's mid block skips the whole down path for the perturbed rows.
+        """
+        self._blocks = self.adapter.blocks(self.denoiser)
+        hooked = set(self.hooks)
+        for index, (name, _) in enumerate(self._blocks):
+            if any(site == name or site.startswith(name + ".") for site in hooked):
+                self._join_block = index
+                break
+        if not self._join_block:  # no hooked site in any block, or the first block: nothing to share
+            self._join_block = None
+            return
+        skip = self.adapter.unbatched_args | self.adapter.block_unbatched_args
+        for _, module in self._blocks[self._join_block:]:
+            signature = inspect.signature(module.forward)
+
+            def widen(module, args, kwargs, signature=signature):
+                if self._join is None:
+                    return None
+                rows, n, frame = self._join
+                self.frame = frame  # from here on the processors see the wide batch's layout
+                bound = signature.bind(*args, **kwargs)
+                for name, value in bound.arguments.items():
+                    kind = signature.parameters[name].kind
+                    if name in skip:
+                        continue
+                    if kind is inspect.Parameter.VAR_POSITIONAL:
+                        bound.arguments[name] = tuple(take_rows(v, rows, n, skip) for v in value)
+                    elif kind is inspect.Parameter.VAR_KEYWORD:
+                        bound.arguments[name] = {k: take_rows(v, rows, n, skip, k) for k, v in value.items()}
+                    else:
+                        bound.arguments[name] = take_rows(value, rows, n, skip)
+                return bound.args, bound.kwargs
+
+            handle = module.register_forward_pre_hook(widen, with_kwargs=True)
+            self._undo.append(handle.remove)
 
     def _wrap_scheduler(self) -> None:
         """Wrap ``pipe.scheduler.step``; called again when a call starts with a scheduler swapped in meanwhile
@@ -360,6 +410,7 @@ class Session:
         self._branch_name = None
         self._call_open, self._denoised_in_call = True, False
         self._last_step = None
+        self._joined_at = None
         self._wrap_scheduler()
         self._call_started_at = time.perf_counter()
         for control in self.controls:
@@ -368,6 +419,8 @@ class Session:
     def _end_call(self) -> None:
         self._call_open = False
         record = {"seconds": time.perf_counter() - self._call_started_at, "controls": {}}
+        if self._joined_at is not None:
+            record["extra_rows_from"] = self._joined_at  # extra branch rows shared the blocks before this one
         for control in self.controls:
             diagnostics = control.on_call_end(self)
             if diagnostics:
@@ -483,19 +536,26 @@ class Session:
                 if wanted:
                     guides.append(control)
                     names += [b for b in wanted if b not in names]
+        join = None
         if names:
             cond = layout.rows("cond")
             rows = list(range(n)) + cond * len(names)
-            params = take_rows(params, rows, n, adapter.unbatched_args)
             branches = list(layout.branches) + [b for b in names for _ in cond]
             samples = list(layout.samples) + [layout.samples[r] for _ in names for r in cond]
-            frame = replace(frame, layout=BatchLayout(tuple(branches), tuple(samples)), params=params)
+            wide = BatchLayout(tuple(branches), tuple(samples))
+            if self._join_block is not None and not any(params.get(a) is not None for a in adapter.late_rows_blockers):
+                join = (rows, n, replace(frame, layout=wide))
+                self._joined_at = self._blocks[self._join_block][0]
+            else:
+                params = take_rows(params, rows, n, adapter.unbatched_args)
+                frame = replace(frame, layout=wide, params=params)
 
         previous, self.frame = self.frame, frame
+        self._join = join
         try:
             out = self.forward_original(**params)
         finally:
-            self.frame = previous
+            self.frame, self._join = previous, None
         if not names:
             return self._carry_guidance(out, layout, step)
         sample = get_sample(out)
@@ -614,7 +674,8 @@ class Session:
 
 
 @contextlib.contextmanager
-def apply(pipe, controls: Control | Iterable[Control] = (), *, backend: str | None = None) -> Iterator[Session]:
+def apply(pipe, controls: Control | Iterable[Control] = (), *, backend: str | None = None,
+          share_prefix: bool = True) -> Iterator[Session]:
     """Run ``controls`` inside every call of ``pipe`` made in this block::
 
         with attnctl.apply(pipe, [attnctl.controls.maps.Maps(words=["cat"])]) as session:
@@ -622,11 +683,12 @@ def apply(pipe, controls: Control | Iterable[Control] = (), *, backend: str | No
         session.last_run()  # per-call diagnostics
 
     Works with the text-to-image and img2img pipelines of SD1.x/2.x, SDXL, SD3/3.5 and FLUX. Everything is
-    restored on exit, also when the block raises.
+    restored on exit, also when the block raises. An extra branch's rows (PAG's perturbed rows) join the batch
+    at the first denoiser block where a control acts (``share_prefix``; False runs them through every block).
     """
     if isinstance(controls, Control):
         controls = [controls]
-    session = Session(pipe, controls, backend=backend)
+    session = Session(pipe, controls, backend=backend, share_prefix=share_prefix)
     session.install()
     try:
         yield session

@@ -314,3 +314,99 @@ def test_img2img_pipelines(family):
 def test_public_api():
     assert attnctl.apply is apply
     assert callable(attnctl.load)
+
+
+class LateGuide(ToyGuide):
+    """The toy branch, perturbing only the sites under ``prefix`` (e.g. the mid block)."""
+
+    name = "late-guide"
+
+    def __init__(self, scale, prefix):
+        super().__init__(scale)
+        self.prefix = prefix
+
+    def bind(self, session):
+        return {name: heads for name, heads in super().bind(session).items() if name.startswith(self.prefix)}
+
+
+JOINS = {"sd15": ("mid_block", "down_blocks.1"), "sdxl": ("mid_block", "down_blocks.1"),
+         "sd3": ("transformer_blocks.1", "transformer_blocks.0"),
+         "flux": ("single_transformer_blocks.0", "transformer_blocks.0")}
+
+
+def _rows_per_block(session):
+    """Batch rows each block of the denoiser receives, recorded by forward hooks: {block name: [rows, ...]}."""
+    seen, handles = {}, []
+    for name, module in session.adapter.blocks(session.denoiser):
+        def record(module, args, kwargs, name=name):
+            x = args[0] if args else next(iter(kwargs.values()))
+            seen.setdefault(name, []).append(x.shape[0])
+        handles.append(module.register_forward_pre_hook(record, with_kwargs=True))  # after the engine's
+    return seen, handles
+
+
+def test_extra_rows_join_at_the_first_hooked_block(family):
+    """The extra branch's rows (copies of the cond rows) skip the blocks before the first one where a control
+    acts: same result as running them through every block, fewer rows in the shared blocks."""
+    pipe = tiny_pipeline(family)
+    late, _ = JOINS[family]
+
+    def kwargs():  # a fresh seeded generator per call
+        extra = (dict(true_cfg_scale=4.0, negative_prompt="a blue square") if family == "flux"
+                 else dict(guidance_scale=5.0))
+        return dict(tiny_call_kwargs(family, output_type="latent"), prompt="a red circle", **extra)
+
+    images, rows = {}, {}
+    for share in (True, False):
+        with apply(pipe, LateGuide(2.0, late), share_prefix=share) as session:
+            seen, handles = _rows_per_block(session)
+            try:
+                images[share] = pipe(**kwargs()).images
+            finally:
+                for h in handles:
+                    h.remove()
+            rows[share] = seen
+            record = session.last_run()
+        assert record.get("extra_rows_from") == (late if share else None)
+    torch.testing.assert_close(images[True], images[False], atol=1e-5, rtol=1e-5)
+    with apply(pipe, LateGuide(0.0, late)):
+        unguided = pipe(**kwargs()).images
+    assert (images[True] - unguided).abs().max() > 1e-3  # the branch still guides
+    blocks = list(rows[False])  # execution order, the tail module (norm_out) included
+    join = blocks.index(late)
+    assert rows[True][blocks[0]] and list(rows[True]) == blocks
+    for name in blocks:  # CFG: [uncond, cond] + one extra row per image; FLUX: [cond] + 1, then [uncond]
+        full = rows[False][name]
+        expected = full if blocks.index(name) >= join else [r - 1 if r > 1 else r for r in full]
+        assert rows[True][name] == expected, (name, rows[True][name], full)
+
+
+def test_extra_rows_join_where_any_control_first_acts():
+    """A second control hooking an earlier block moves the join there (its edits see the whole batch)."""
+    pipe = tiny_pipeline("sd15")
+    late, early = JOINS["sd15"]
+    kwargs = dict(tiny_call_kwargs("sd15", output_type="latent"), prompt="a red circle", guidance_scale=5.0)
+    maps = attnctl.controls.Maps(words=["circle"], layers=[f"{early}.**.attn2"])
+    with apply(pipe, [LateGuide(2.0, late), maps]) as session:
+        pipe(**kwargs)
+    assert session.last_run()["extra_rows_from"] == early
+
+
+def test_extra_rows_run_from_the_start_with_controlnet_residuals():
+    """ControlNet residuals are added between blocks with the batch's original rows: no late join then."""
+    from diffusers import ControlNetModel
+
+    pipe = tiny_pipeline("sd15")
+    controlnet = ControlNetModel.from_unet(pipe.unet).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    t = torch.tensor(500)
+    down, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, 128, 128),
+                           return_dict=False)
+    results = {}
+    for share in (True, False):
+        with apply(pipe, LateGuide(2.0, "mid_block"), share_prefix=share) as session:
+            results[share] = pipe.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                                       mid_block_additional_residual=mid).sample
+        assert session._joined_at is None
+    torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)

@@ -67,6 +67,14 @@ class Adapter:
     denoiser_class: str = ""  # the pipeline's denoiser that identifies the family
     attention_class: str = "diffusers.models.attention_processor:Attention"
     processor: type | None = None  # the family's attention processor: processor(site, session, original)
+    # The denoiser's blocks in the order its forward runs them (attribute names: a module list or one module),
+    # the modules after them that still take per-sample inputs, the block arguments that are not batch-major,
+    # and the forward arguments (extra residuals added between blocks) under which rows cannot join late.
+    # The engine uses them to run an extra branch's rows only from the first block that treats them apart.
+    block_attrs: tuple[str, ...] = ()
+    tail_attrs: tuple[str, ...] = ()
+    block_unbatched_args: frozenset[str] = frozenset()
+    late_rows_blockers: frozenset[str] = frozenset()
 
     # -- discovery -------------------------------------------------------------------------------------------
     @classmethod
@@ -91,6 +99,17 @@ class Adapter:
             if isinstance(module, cls):
                 head_dim = module.to_q.out_features // module.heads
                 found.append((Site(name, self.kind_of(module), module.heads, head_dim, len(found)), module))
+        return found
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, module)`` of the denoiser's blocks in execution order, then its ``tail_attrs`` modules."""
+        found = []
+        for attr in self.block_attrs + self.tail_attrs:
+            module = getattr(denoiser, attr, None)
+            if isinstance(module, torch.nn.ModuleList):
+                found += [(f"{attr}.{i}", child) for i, child in enumerate(module)]
+            elif isinstance(module, torch.nn.Module):
+                found.append((attr, module))
         return found
 
     def make_processor(self, site: Site, session, original):

@@ -76,6 +76,10 @@ class FluxAdapter(Adapter):
     processor_classes = frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"})
     denoiser_class = "diffusers:FluxTransformer2DModel"
     attention_class = "diffusers.models.transformers.transformer_flux:FluxAttention"
+    block_attrs = ("transformer_blocks", "single_transformer_blocks")
+    tail_attrs = ("norm_out",)  # norm_out(hidden_states, temb)
+    block_unbatched_args = frozenset({"image_rotary_emb"})  # (cos, sin) per token, shared by every row
+    late_rows_blockers = frozenset({"controlnet_block_samples", "controlnet_single_block_samples"})
     processor = FluxProcessor
 
     def kind_of(self, module):

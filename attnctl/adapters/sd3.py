@@ -61,6 +61,9 @@ class SD3Adapter(Adapter):
     latent_arg = "hidden_states"
     processor_classes = frozenset({"JointAttnProcessor2_0"})
     denoiser_class = "diffusers:SD3Transformer2DModel"
+    block_attrs = ("transformer_blocks",)
+    tail_attrs = ("norm_out",)  # norm_out(hidden_states, temb)
+    late_rows_blockers = frozenset({"block_controlnet_hidden_states"})
     processor = SD3Processor
 
     def kind_of(self, module):

@@ -66,6 +66,9 @@ class UNetAdapter(Adapter):
     processor_classes = frozenset({"AttnProcessor2_0", "AttnProcessor"})
     denoiser_class = "diffusers:UNet2DConditionModel"
     processor = UNetProcessor
+    block_attrs = ("down_blocks", "mid_block", "up_blocks")
+    late_rows_blockers = frozenset({"down_block_additional_residuals", "mid_block_additional_residual",
+                                    "down_intrablock_additional_residuals"})  # ControlNet / T2I-Adapter
 
     def kind_of(self, module):
         return "cross" if module.is_cross_attention else "self"

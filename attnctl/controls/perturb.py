@@ -15,6 +15,8 @@ Layer-level PAG is the case "all heads, u = 1".
 The perturbed rows run in the same denoiser call as uncond and cond (protocol kind 2: ``branches`` adds
 them, the engine folds ``guidance`` into the pipeline's own CFG). Outside ``window`` no row is added, so
 those steps cost nothing extra (diffusers' newer PAG guider defaults to a 1%-20% window for the same reason).
+The perturbed rows equal the cond rows up to the first perturbed block, so the engine adds them only there
+(``apply(..., share_prefix=True)``, the default): PAG on SDXL's mid block skips the down path for them.
 
 Targets are exact layer selectors (``attnctl.select``), optionally with heads: ``"mid_block:heads=0,3"``.
 They resolve to self-attention (UNet ``attn1``, SD3.5's image-only ``attn2``), joint attention (SD3, FLUX
