@@ -69,3 +69,40 @@ def test_quality_cli_writes_json(tmp_path, capsys):
     assert report["n"] == 6 and report["controlled"] is None
     assert 0.0 <= report["baseline"]["object_accuracy"] <= 1.0
     assert "object_accuracy" in capsys.readouterr().out
+
+
+def test_swept_recipe_is_evaluated_at_every_setting_with_one_baseline(tmp_path, monkeypatch):
+    """A recipe's sweep is no longer collapsed to its first value: every setting gets its own report, the
+    baseline images are generated once per distinct non-control setting, and scale 0 equals the baseline."""
+    suite = get_suite("quality")
+    calls = []
+    real_generate = type(suite).generate
+
+    def counting(self, pipe, settings, cases, controls):
+        calls.append((settings.guidance_scale, controls is not None))
+        return real_generate(self, pipe, settings, cases, controls)
+
+    monkeypatch.setattr(type(suite), "generate", counting)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt: x\nsteps: 4\nguidance_scale: 4.5\ncontrols:\n  perturb:\n"
+                      "    layers: [down_blocks.1]\n    scale: [0.0, 4.0]\nsweep: [controls.perturb.scale]\n")
+    out = tmp_path / "sweep.json"
+    result = run_eval("quality", model="shapes", recipe=str(recipe), seeds=1, limit=3, json_path=str(out),
+                      progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["sweep"] == ["controls.perturb.scale"] and saved["complete"] is True and saved["n"] == 3
+    assert [r["setting"] for r in saved["reports"]] == [{"controls.perturb.scale": 0.0},
+                                                       {"controls.perturb.scale": 4.0}]
+    assert [r["settings"]["controls"]["perturb"]["scale"] for r in result["reports"]] == [0.0, 4.0]
+    assert calls == [(4.5, False), (4.5, True), (4.5, True)]  # one baseline for both settings
+    off, on = result["reports"]
+    assert [r["controlled"] for r in off["rows"]] == [r["baseline"] for r in off["rows"]]
+    assert [r["baseline"] for r in off["rows"]] == [r["baseline"] for r in on["rows"]]
+
+    # A swept guidance scale changes the baseline too: one baseline per value.
+    calls.clear()
+    recipe.write_text("prompt: x\nsteps: 4\nguidance_scale: [3.0, 6.0]\nsweep: [guidance_scale]\n"
+                      "controls:\n  perturb:\n    layers: [down_blocks.1]\n    scale: 2.0\n")
+    result = run_eval("quality", model="shapes", recipe=str(recipe), seeds=1, limit=2, progress=False)
+    assert calls == [(3.0, False), (3.0, True), (6.0, False), (6.0, True)]
+    assert [r["settings"]["guidance_scale"] for r in result["reports"]] == [3.0, 6.0]

@@ -10,7 +10,8 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("suite", choices=sorted(SUITES), help="which suite")
     parser.add_argument("--model", default=None, help="model string (default: the recipe's, else shapes)")
-    parser.add_argument("--recipe", default=None, help="recipe whose controls (and steps, guidance, size) to use")
+    parser.add_argument("--recipe", default=None, help="recipe whose controls (and steps, guidance, size) to use; "
+                        "with a sweep: every setting is evaluated against one shared baseline")
     parser.add_argument("--prompts", default=None, help="file with one case per line (see the suite's format)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the suite's)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N cases (a quick look)")

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from ..errors import AttnctlError, did_you_mean
-from .base import Case, Settings, Suite, paired_bootstrap, print_side_by_side, read_lines, summarise
+from .base import (Case, Settings, Suite, paired_bootstrap, print_side_by_side, print_sweep_summary, read_lines,
+                   setting_label, summarise)
 
 SUITES: dict[str, str] = {
     "quality": "attnctl.evals.quality:SUITE",
@@ -43,79 +44,150 @@ def _batches(cases: list[Case], controls: list[dict], batch_size: int):
         start = end
 
 
+def _generate(suite: Suite, pipe, settings: Settings, cases: list[Case], filled: list[dict] | None,
+              batch_size: int, desc: str, progress: bool) -> tuple[list[dict], float]:
+    """Score every case, generated without controls (``filled`` None) or with its filled-in controls."""
+    from tqdm.auto import tqdm
+
+    from ..recipe import Recipe
+
+    scores: list[dict] = [{} for _ in cases]
+    t0 = time.perf_counter()
+    for idx in tqdm(list(_batches(cases, filled or [{}] * len(cases), batch_size)), desc=desc, disable=not progress):
+        controls = Recipe(prompt="x", controls=filled[idx[0]]).build_controls() if filled else None
+        outputs = suite.generate(pipe, settings, [cases[i] for i in idx], controls)
+        for i, out in zip(idx, outputs):
+            scores[i] = suite.score(cases[i], out)
+    return scores, round(time.perf_counter() - t0, 2)
+
+
+def _baseline_key(settings: Settings) -> str:
+    """What the baseline images depend on: every setting but the controls."""
+    fields = {k: v for k, v in vars(settings).items() if k != "controls"}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _write_json(path: str, report: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = None, prompts: str | None = None,
              seeds: int | None = None, limit: int | None = None, batch_size: int = 32, json_path: str | None = None,
              pipe=None, progress: bool = True, baseline_only: bool = False) -> dict:
-    """Run ``suite_name``; returns (and optionally writes atomically) the report dict."""
-    from tqdm.auto import tqdm
+    """Run ``suite_name``; returns (and optionally writes atomically) the report dict.
 
+    A recipe with a ``sweep:`` is evaluated at every setting of its grid: each setting gets its own report of
+    the usual form (plus ``"setting": {path: value}``), and the baseline is generated once for all settings
+    that share everything but the controls (a sweep of ``guidance_scale`` or ``steps`` gets one baseline per
+    value). The swept report is ``{"suite", "model", "n", "recipe", "sweep", "complete", "reports": [...]}``;
+    with ``json_path`` it is rewritten after every setting, so an interrupted sweep keeps what it finished.
+    """
     from ..models import load
-    from ..recipe import load_recipe
+    from ..recipe import Recipe, load_recipe
     from ..run import set_scheduler
 
     suite = get_suite(suite_name)
     rec = load_recipe(recipe) if recipe else None
-    settings = Settings.from_recipe(rec, model)
+    points = rec.settings() if rec is not None else [{}]
+    swept = rec is not None and bool(rec.sweep)
+    plans = [(point, Settings.from_recipe(rec.at(point) if swept else rec, model)) for point in points]
     lines = read_lines(prompts) if prompts else None
     cases = suite.cases(lines, seeds or suite.default_seeds)
     if limit:
         cases = cases[:limit]
     if not cases:
         raise AttnctlError(f"eval {suite_name}: no cases to run")
-    filled = [suite.controls_for(settings.controls, c) for c in cases]
-    with_controls = bool(settings.controls) and not baseline_only
-    if with_controls:  # validate every case's options before generating anything
-        from ..recipe import Recipe
+    fills = []
+    for _, settings in plans:
+        filled = None
+        if settings.controls and not baseline_only:
+            filled = [suite.controls_for(settings.controls, c) for c in cases]
+            # validate every case's options (of every setting) before generating anything
+            for f in {json.dumps(f, sort_keys=True): f for f in filled}.values():
+                Recipe(prompt="x", controls=f)
+        fills.append(filled)
 
-        for f in {json.dumps(f, sort_keys=True): f for f in filled}.values():
-            Recipe(prompt="x", controls=f)
-    pipe = pipe if pipe is not None else load(settings.model, device=settings.device, dtype=settings.dtype)
-    set_scheduler(pipe, settings.scheduler, settings.scheduler_options)
-    pipe.set_progress_bar_config(disable=True)
-
-    rows = [{"prompt": c.prompt, "seed": c.seed, **({"info": c.info} if c.info else {})} for c in cases]
-    runs = [("baseline", False)] + ([("controlled", True)] if with_controls else [])
+    pipes: dict[tuple, tuple] = {}  # (model, device, dtype) -> (pipeline, its own scheduler)
+    baselines: dict[str, tuple[list[dict], float]] = {}
+    reports = []
     started = time.perf_counter()
-    timings = {}
-    for key, controlled in runs:
-        t0 = time.perf_counter()
-        for idx in tqdm(list(_batches(cases, filled if controlled else [{}] * len(cases), batch_size)),
-                        desc=f"{suite_name} {key}", disable=not progress):
-            batch = [cases[i] for i in idx]
-            controls = None
-            if controlled:
-                from ..recipe import Recipe
+    try:
+        for (point, settings), filled in zip(plans, fills):
+            key = (settings.model, settings.device, settings.dtype)
+            if key not in pipes:
+                p = pipe if pipe is not None else load(settings.model, device=settings.device, dtype=settings.dtype)
+                p.set_progress_bar_config(disable=True)
+                pipes[key] = (p, p.scheduler)
+            p, own_scheduler = pipes[key]
+            p.scheduler = own_scheduler  # each setting's scheduler options start from the pipeline's own
+            set_scheduler(p, settings.scheduler, settings.scheduler_options)
+            label = f" [{setting_label(point)}]" if swept else ""
+            t0 = time.perf_counter()
+            bkey = _baseline_key(settings)
+            if bkey not in baselines:
+                baselines[bkey] = _generate(suite, p, settings, cases, None, batch_size,
+                                            f"{suite_name} baseline", progress)
+            base_scores, base_seconds = baselines[bkey]
+            timings = {"baseline": base_seconds}
+            ctrl_scores = None
+            if filled is not None:
+                ctrl_scores, timings["controlled"] = _generate(suite, p, settings, cases, filled, batch_size,
+                                                               f"{suite_name} controlled{label}", progress)
+            report = _report(suite, settings, cases, recipe, type(p.scheduler).__name__, base_scores, ctrl_scores,
+                             timings)
+            report["wall_seconds"] = round(time.perf_counter() - t0, 2)
+            if swept:
+                report = {"setting": point, **report}
+                print(f"setting{label}:")
+            print_side_by_side(report, suite.metrics)
+            reports.append(report)
+            if json_path and swept:
+                _write_json(json_path, _swept(suite_name, plans, cases, recipe, rec, reports, started))
+    finally:
+        for p, own_scheduler in pipes.values():
+            p.scheduler = own_scheduler
+    result = _swept(suite_name, plans, cases, recipe, rec, reports, started) if swept else reports[0]
+    if swept:
+        print_sweep_summary(result, suite.metrics)
+    if json_path:
+        _write_json(json_path, result)
+        print(f"wrote {json_path}")
+    return result
 
-                controls = Recipe(prompt="x", controls=filled[idx[0]]).build_controls()
-            outputs = suite.generate(pipe, settings, batch, controls)
-            for i, out in zip(idx, outputs):
-                rows[i][key] = suite.score(cases[i], out)
-        timings[key] = round(time.perf_counter() - t0, 2)
 
-    report = {"suite": suite_name, "model": settings.model, "n": len(cases), "recipe": recipe,
+def _report(suite: Suite, settings: Settings, cases: list[Case], recipe: str | None, scheduler: str,
+            base_scores: list[dict], ctrl_scores: list[dict] | None, timings: dict) -> dict:
+    rows = [{"prompt": c.prompt, "seed": c.seed, **({"info": c.info} if c.info else {}), "baseline": b}
+            for c, b in zip(cases, base_scores)]
+    if ctrl_scores is not None:
+        for row, c in zip(rows, ctrl_scores):
+            row["controlled"] = c
+    controlled = ctrl_scores is not None
+    report = {"suite": suite.name, "model": settings.model, "n": len(cases), "recipe": recipe,
               "settings": {"steps": settings.steps, "guidance_scale": settings.guidance_scale,
-                           "size": [settings.height, settings.width], "scheduler": settings.scheduler
-                           or type(pipe.scheduler).__name__, "controls": settings.controls if with_controls else {}},
+                           "size": [settings.height, settings.width], "scheduler": settings.scheduler or scheduler,
+                           "controls": settings.controls if controlled else {}},
               "baseline": summarise(suite.metrics, rows, "baseline"),
-              "controlled": summarise(suite.metrics, rows, "controlled") if with_controls else None,
+              "controlled": summarise(suite.metrics, rows, "controlled") if controlled else None,
               "delta_ci95": {}, "seconds": timings, **suite.extra()}
-    if with_controls:
+    if controlled:
         for m in suite.metrics:
             pairs = [(r["baseline"][m], r["controlled"][m]) for r in rows
                      if r["baseline"].get(m) is not None and r["controlled"].get(m) is not None]
             if pairs:
                 report["delta_ci95"][m] = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
     report["rows"] = rows
-    report["wall_seconds"] = round(time.perf_counter() - started, 2)
-    print_side_by_side(report, suite.metrics)
-    if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, path)
-        print(f"wrote {path}")
     return report
+
+
+def _swept(suite_name, plans, cases, recipe, rec, reports, started) -> dict:
+    return {"suite": suite_name, "model": plans[0][1].model, "n": len(cases), "recipe": recipe,
+            "sweep": list(rec.sweep), "complete": len(reports) == len(plans), "reports": reports,
+            "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
 __all__ = ["Case", "SUITES", "Settings", "Suite", "get_suite", "run_eval"]

@@ -153,9 +153,8 @@ def summarise(metrics: dict[str, bool], rows: list[dict], key: str) -> dict[str,
     return out
 
 
-def print_side_by_side(report: dict, metrics: dict[str, bool]) -> None:
-    from ..bench import print_table
-
+def _metric_rows(report: dict, metrics: dict[str, bool]) -> list[dict]:
+    """One table row per metric of a report: baseline, controlled, their difference and its 95% interval."""
     rows = []
     for m, higher in metrics.items():
         b = report["baseline"].get(m)
@@ -165,8 +164,28 @@ def print_side_by_side(report: dict, metrics: dict[str, bool]) -> None:
                      "controlled": c if c is not None else "-",
                      "delta": (c - b) if (b is not None and c is not None) else "-",
                      "ci95": f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"})
+    return rows
+
+
+def setting_label(setting: dict) -> str:
+    """``path=value, ...`` of one sweep setting (mappings and lists in YAML's flow style)."""
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in setting.items())
+
+
+def print_side_by_side(report: dict, metrics: dict[str, bool]) -> None:
+    from ..bench import print_table
+
     print(f"{report['suite']} on {report['model']}: {report['n']} rows")
-    print_table(rows, ["metric", "baseline", "controlled", "delta", "ci95"])
+    print_table(_metric_rows(report, metrics), ["metric", "baseline", "controlled", "delta", "ci95"])
+
+
+def print_sweep_summary(result: dict, metrics: dict[str, bool]) -> None:
+    """One table for a swept evaluation: a row per (setting, metric)."""
+    from ..bench import print_table
+
+    rows = [{"setting": setting_label(r["setting"]), **row} for r in result["reports"] for row in _metric_rows(r, metrics)]
+    print(f"{result['suite']} on {result['model']}: {result['n']} rows, {len(result['reports'])} settings")
+    print_table(rows, ["setting", "metric", "baseline", "controlled", "delta", "ci95"])
 
 
 def dumps(report: dict) -> str:
