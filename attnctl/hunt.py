@@ -226,14 +226,20 @@ def recipe_snippet(options: dict, heads: list[Head]) -> str:
     return yaml.safe_dump({"controls": {"perturb": block}}, sort_keys=False)
 
 
-def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, json_path: str | Path,
-         batch: int = 8, pipe=None, progress: Callable[[str], None] | None = print) -> HuntState:
+def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, json_path: str | Path | None = None,
+         batch: int = 8, pipe=None, progress: Callable[[str], None] | None = print,
+         distributed: bool | None = None) -> HuntState:
     """Run (or resume) a HeadHunter search for ``recipe`` (a validated ``Recipe`` with a ``perturb`` control).
 
-    Returns the state; the file at ``json_path`` holds it, with ``recipe_snippet`` once a round finished.
+    Returns the state; the file at ``json_path`` (none: the state lives in memory only) holds it, with
+    ``recipe_snippet`` once a round finished. Under accelerate (``distributed``, see ``attnctl.processes``) the
+    candidate batches of a round are dealt out to the processes in turn and their scores gathered after each
+    wave, so every process holds the same state and process 0 writes the file; the chosen heads are those of a
+    single-process search with the same ``batch``.
     """
     from .engine import apply
     from .models import load
+    from .processes import Processes
     from .run import items_of, set_scheduler
 
     if rounds < 1 or top_k < 1 or batch < 1:
@@ -246,7 +252,8 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     if options.targets is not None:
         raise RecipeError("attnctl hunt: give the candidate layers as `perturb: layers:` (one u), not `targets`")
     scorer = load_objective(objective)
-    pipe = pipe if pipe is not None else load(recipe.model, device=recipe.device, dtype=recipe.dtype)
+    procs = Processes(distributed)
+    pipe = pipe if pipe is not None else load(recipe.model, device=procs.device or recipe.device, dtype=recipe.dtype)
     set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
     pipe.set_progress_bar_config(disable=True)
     items = [(item.prompt, item.seed) for item in items_of(recipe) if item.setting == 0]
@@ -254,9 +261,17 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     settings = {"model": recipe.model, "items": [list(i) for i in items], "steps": recipe.steps,
                 "guidance_scale": recipe.guidance_scale, "size": [recipe.height, recipe.width],
                 "objective": objective, "top_k": top_k, "perturb": options.model_dump()}
-    path = Path(json_path)
-    state = load_state(path, settings)
-    say = progress or (lambda message: None)
+    path = Path(json_path) if json_path is not None else None
+    state = load_state(path, settings) if path is not None else HuntState(settings)
+    procs.barrier()  # every process has read the file before process 0 rewrites it
+
+    def save(snippet: str | None = None) -> None:
+        if path is not None and procs.main:
+            state.save(path, snippet)
+        elif snippet is not None:
+            state.snippet = snippet
+
+    say = progress if (progress and procs.main) else (lambda message: None)
     control = HeadSets(options, candidate_heads(pipe, options.layers))
 
     def score_sets(sets: list[list[Head]]) -> np.ndarray:
@@ -269,19 +284,20 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
 
     with apply(pipe, control):
         if state.baseline is None:
-            state.baseline = float(score_sets([[]])[0])
-            state.save(path)
+            state.baseline = procs.broadcast(float(score_sets([[]])[0]) if procs.main else None)
+            save()
         say(f"baseline (no perturbation): {state.baseline:.4f}; {len(control.candidates)} candidate heads, "
-            f"{len(items)} image(s) each")
+            f"{len(items)} image(s) each" + (f", {procs.world} processes" if procs.world > 1 else ""))
         for round_index in range(len(state.rounds), rounds):
             selected = state.selected
             pool = [h for h in control.candidates if h not in selected]
             todo = [h for h in pool if head_key(h) not in state.partial]
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                scores = score_sets([selected + [h] for h in chunk])
-                state.partial.update({head_key(h): float(s) for h, s in zip(chunk, scores)})
-                state.save(path)
+            chunks = [todo[start : start + batch] for start in range(0, len(todo), batch)]
+            for wave in range(0, len(chunks), procs.world):  # one chunk per process, then gather
+                chunk = chunks[wave + procs.rank] if wave + procs.rank < len(chunks) else []
+                scores = score_sets([selected + [h] for h in chunk]) if chunk else []
+                state.partial.update(procs.gather([(head_key(h), float(s)) for h, s in zip(chunk, scores)]))
+                save()
                 say(f"round {round_index + 1}: scored {len(state.partial)}/{len(pool)} candidates")
             if not state.partial:
                 say("no candidates left")
@@ -290,7 +306,8 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
             chosen = [k for k, _ in ranked[:top_k]]
             state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1]})
             state.partial = {}
-            state.save(path, recipe_snippet(guidance, state.selected))
+            save(recipe_snippet(guidance, state.selected))
             say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f})")
-    state.save(path, recipe_snippet(guidance, state.selected))
+    save(recipe_snippet(guidance, state.selected))
+    procs.barrier()
     return state

@@ -34,6 +34,7 @@ import yaml
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import RecipeError
+from .processes import Processes
 from .recipe import Recipe
 
 
@@ -114,45 +115,6 @@ def set_scheduler(pipe, name: str | None, options: dict) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
 
 
-class _Processes:
-    """This process's place among the launched ones (accelerate), or a single process."""
-
-    def __init__(self, distributed: bool | None):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.state = None
-        if distributed or (distributed is None and world > 1):
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank = self.state.process_index if self.state else 0
-        self.world = self.state.num_processes if self.state else 1
-        self.device = str(self.state.device) if self.state and self.world > 1 else None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, value):
-        if self.world == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        box = [value]
-        broadcast_object_list(box)
-        return box[0]
-
-    def gather(self, values: list) -> list:
-        if self.world == 1:
-            return values
-        from accelerate.utils import gather_object
-
-        return gather_object(values)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "run", progress: bool = True,
                pipe=None, distributed: bool | None = None) -> Path:
     """Generate every item of ``recipe``; returns the run folder. ``distributed=None`` follows the launcher
@@ -162,7 +124,7 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
     from .engine import apply
     from .models import load
 
-    procs = _Processes(distributed)
+    procs = Processes(distributed)
     items = items_of(recipe)
     folder = procs.broadcast(str(new_run_folder(Path(out or recipe.output), name)) if procs.main else None)
     folder = Path(folder)

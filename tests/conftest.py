@@ -34,3 +34,15 @@ def call_kwargs(family):
         return tiny_call_kwargs(family, **overrides)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, restored after: float32 sums then split like those of a
+    subprocess started with OMP_NUM_THREADS=1, so its outputs can be compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

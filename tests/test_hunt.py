@@ -47,7 +47,8 @@ def test_candidates_in_one_batch_equal_separate_runs():
     assert (batched[0] - batched[1]).abs().max() > 1e-3
 
 
-def test_objectives_registry(tmp_path):
+def tiny_clip(folder):
+    """A random 1-layer CLIP saved to ``folder`` (32 px images): a continuous objective for tests."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from attnctl.tokenizers import build_clip_tokenizer
@@ -61,10 +62,15 @@ def test_objectives_registry(tmp_path):
                            num_attention_heads=2),
         projection_dim=8)
     torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                      crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_objectives_registry(tmp_path):
+    tiny_clip(tmp_path / "clip")
     images = torch.randint(0, 256, (3, 32, 32, 3), generator=torch.Generator().manual_seed(0)).numpy()
     images = images.astype("uint8")
     clip = load_objective(f"clip:{tmp_path / 'clip'}")
@@ -112,3 +118,27 @@ def test_hunt_needs_a_perturb_block(tmp_path, capsys):
     recipe.write_text(RECIPE.split("controls:")[0])
     assert main(["hunt", str(recipe), "--json", str(tmp_path / "s.json")]) == 2
     assert "needs a recipe with one `controls: perturb:` block" in capsys.readouterr().err
+
+
+def test_two_process_hunt_equals_one_process(tmp_path, one_thread):
+    """accelerate with 2 CPU processes: the candidate batches are dealt out, every score lands under its own
+    head, and the rounds (scores, choices) and the snippet equal a 1-process hunt's."""
+    import os
+    import subprocess
+    import sys
+
+    clip = tiny_clip(tmp_path / "clip")  # continuous scores: a score under the wrong head would show
+    recipe = tmp_path / "hunt.yaml"
+    recipe.write_text(RECIPE)
+    args = ["hunt", str(recipe), "--objective", f"clip:{clip}", "--rounds", "2", "--batch", "1", "--quiet"]
+    assert main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "attnctl"] + args + ["--json", str(tmp_path / "two.json"),
+                                                                      "--distributed", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("chosen heads (2)") == 1  # process 0 reports
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert len(set(one["rounds"][0]["scores"].values())) == 3  # three candidates, three different scores
+    assert two["rounds"] == one["rounds"] and two["selected"] == one["selected"]
+    assert two["baseline"] == one["baseline"] and two["recipe_snippet"] == one["recipe_snippet"]

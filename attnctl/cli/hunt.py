@@ -18,18 +18,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set steps=10")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--distributed", type=int, default=None, metavar="N",
+                        help="score each round's candidate batches in N processes (launches `accelerate launch "
+                             "--multi_gpu --num_processes N -m attnctl hunt ...`; works on CPU too)")
 
 
 def main(args) -> int:
+    import os
     from pathlib import Path
 
     from ..hunt import hunt
     from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.distributed is not None:
+        from ..processes import relaunch
+
+        return relaunch(args.argv, args.distributed)
     json_path = args.json_path or f"hunt-{Path(args.recipe).stem}.json"
     state = hunt(recipe, objective=args.objective, rounds=args.rounds, top_k=args.top_k, json_path=json_path,
                  batch=args.batch, progress=None if args.quiet else print)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     snippet = state.snippet or ""
     if args.snippet:
         Path(args.snippet).write_text(snippet)

@@ -20,11 +20,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from ..errors import RecipeError
     from ..recipe import load_recipe
     from ..run import items_of, run_recipe
 
@@ -39,13 +36,9 @@ def main(args) -> int:
             print(f"  {item.stem}: seed {item.seed}: {item.prompt}" + (f"  [{values}]" if values else ""))
         return 0
     if args.distributed is not None:
-        if args.distributed < 1:
-            raise RecipeError(f"--distributed {args.distributed}: give a number of processes >= 1")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(args.distributed), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "attnctl", "run", args.recipe] + [f"--set={o}" for o in args.overrides]
-        cmd += (["--out", args.out] if args.out else []) + (["--quiet"] if args.quiet else [])
-        return subprocess.run(cmd, env=dict(os.environ)).returncode
+        from ..processes import relaunch
+
+        return relaunch(args.argv, args.distributed)
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {len(items)} item(s) to {folder}")
