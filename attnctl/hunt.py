@@ -235,7 +235,7 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     ``recipe_snippet`` once a round finished. Under accelerate (``distributed``, see ``attnctl.processes``) the
     candidate batches of a round are dealt out to the processes in turn and their scores gathered after each
     wave, so every process holds the same state and process 0 writes the file; the chosen heads are those of a
-    single-process search with the same ``batch``.
+    single-process search with the same ``batch``. A ``pipe`` passed in gets its own scheduler back at the end.
     """
     from .engine import apply
     from .models import load
@@ -253,9 +253,9 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
         raise RecipeError("attnctl hunt: give the candidate layers as `perturb: layers:` (one u), not `targets`")
     scorer = load_objective(objective)
     procs = Processes(distributed)
-    pipe = pipe if pipe is not None else load(recipe.model, device=procs.device or recipe.device, dtype=recipe.dtype)
-    set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
-    pipe.set_progress_bar_config(disable=True)
+    if pipe is None:
+        pipe = load(recipe.model, device=procs.device or recipe.device, dtype=recipe.dtype)
+        pipe.set_progress_bar_config(disable=True)
     items = [(item.prompt, item.seed) for item in items_of(recipe) if item.setting == 0]
     guidance = options.model_dump(exclude={"layers", "targets"}, exclude_defaults=False)
     settings = {"model": recipe.model, "items": [list(i) for i in items], "steps": recipe.steps,
@@ -282,32 +282,37 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
             total += scorer.score(images, [prompt] * len(sets))
         return total / len(items)
 
-    with apply(pipe, control):
-        if state.baseline is None:
-            state.baseline = procs.broadcast(float(score_sets([[]])[0]) if procs.main else None)
-            save()
-        say(f"baseline (no perturbation): {state.baseline:.4f}; {len(control.candidates)} candidate heads, "
-            f"{len(items)} image(s) each" + (f", {procs.world} processes" if procs.world > 1 else ""))
-        for round_index in range(len(state.rounds), rounds):
-            selected = state.selected
-            pool = [h for h in control.candidates if h not in selected]
-            todo = [h for h in pool if head_key(h) not in state.partial]
-            chunks = [todo[start : start + batch] for start in range(0, len(todo), batch)]
-            for wave in range(0, len(chunks), procs.world):  # one chunk per process, then gather
-                chunk = chunks[wave + procs.rank] if wave + procs.rank < len(chunks) else []
-                scores = score_sets([selected + [h] for h in chunk]) if chunk else []
-                state.partial.update(procs.gather([(head_key(h), float(s)) for h, s in zip(chunk, scores)]))
+    own_scheduler = pipe.scheduler
+    set_scheduler(pipe, recipe.scheduler, recipe.scheduler_options)
+    try:
+        with apply(pipe, control):
+            if state.baseline is None:
+                state.baseline = procs.broadcast(float(score_sets([[]])[0]) if procs.main else None)
                 save()
-                say(f"round {round_index + 1}: scored {len(state.partial)}/{len(pool)} candidates")
-            if not state.partial:
-                say("no candidates left")
-                break
-            ranked = sorted(state.partial.items(), key=lambda kv: (-kv[1], kv[0]))
-            chosen = [k for k, _ in ranked[:top_k]]
-            state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1]})
-            state.partial = {}
-            save(recipe_snippet(guidance, state.selected))
-            say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f})")
+            say(f"baseline (no perturbation): {state.baseline:.4f}; {len(control.candidates)} candidate heads, "
+                f"{len(items)} image(s) each" + (f", {procs.world} processes" if procs.world > 1 else ""))
+            for round_index in range(len(state.rounds), rounds):
+                selected = state.selected
+                pool = [h for h in control.candidates if h not in selected]
+                todo = [h for h in pool if head_key(h) not in state.partial]
+                chunks = [todo[start : start + batch] for start in range(0, len(todo), batch)]
+                for wave in range(0, len(chunks), procs.world):  # one chunk per process, then gather
+                    chunk = chunks[wave + procs.rank] if wave + procs.rank < len(chunks) else []
+                    scores = score_sets([selected + [h] for h in chunk]) if chunk else []
+                    state.partial.update(procs.gather([(head_key(h), float(s)) for h, s in zip(chunk, scores)]))
+                    save()
+                    say(f"round {round_index + 1}: scored {len(state.partial)}/{len(pool)} candidates")
+                if not state.partial:
+                    say("no candidates left")
+                    break
+                ranked = sorted(state.partial.items(), key=lambda kv: (-kv[1], kv[0]))
+                chosen = [k for k, _ in ranked[:top_k]]
+                state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1]})
+                state.partial = {}
+                save(recipe_snippet(guidance, state.selected))
+                say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f})")
+    finally:
+        pipe.scheduler = own_scheduler
     save(recipe_snippet(guidance, state.selected))
     procs.barrier()
     return state

@@ -1,7 +1,5 @@
 """Panels that activate when their library part exists: regions (boxes) and head search, with stand-ins."""
 
-import sys
-import types
 
 import pytest
 import yaml
@@ -28,11 +26,6 @@ class StandInRegions(Control):
     Options = StandInRegionsOptions
 
 
-def stand_in_hunt(recipe, rounds: int = 1, top_k: int = 1, pipe=None):
-    assert pipe is not None and recipe.prompts == ["a red circle"]
-    return {"controls": {"perturb": {"layers": [f"mid_block:heads={h}" for h in range(top_k)]}}, "rounds": rounds}
-
-
 @pytest.fixture(scope="module")
 def client(pipelines, tmp_path_factory):
     from gradio_client import Client
@@ -42,7 +35,6 @@ def client(pipelines, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(CONTROLS, "regions", StandInRegions)
-        patch.setitem(sys.modules, "attnctl.hunt", types.SimpleNamespace(hunt=stand_in_hunt))
         demo = build_app("shapes", cache=pipelines, folders=RunFolders(tmp_path_factory.mktemp("runs")))
         _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
         try:
@@ -69,7 +61,20 @@ def test_regions_typed_as_lines_become_the_controls_region_list_and_load_back(cl
     assert "red circle: 0, 0, 0.5, 0.5" in values and 2.0 in values
 
 
-def test_head_search_calls_the_library_hunt_with_the_forms_recipe(client):
-    found = client.predict(3, 2, "", prompt="a red circle", api_name="/hunt")
-    assert yaml.safe_load(found) == {"controls": {"perturb": {"layers": ["mid_block:heads=0", "mid_block:heads=1"]}},
-                                     "rounds": 3}
+def test_head_search_runs_the_library_hunt_on_the_forms_recipe(client, pipelines):
+    """The tab runs the real search on the form's recipe (its perturbation layers are the candidates) and shows
+    the chosen heads as a runnable recipe snippet; the cached pipeline keeps its scheduler."""
+    from attnctl.recipe import load_recipe
+
+    found = client.predict(1, 1, "", prompt="a red circle", steps=2, scheduler="EulerDiscreteScheduler",
+                           perturb__enabled=True, perturb__scale=2.0, perturb__layers=["mid_block"],
+                           api_name="/hunt")
+    assert "# baseline (no perturbation):" in found and "# round 1: mid_block." in found
+    snippet = yaml.safe_load(found)
+    (layer,) = snippet["controls"]["perturb"]["layers"]
+    assert layer.startswith("mid_block.") and layer.endswith((":heads=0", ":heads=1", ":heads=2", ":heads=3"))
+    assert load_recipe({"model": "shapes", "prompt": "a red circle", **snippet}).controls["perturb"]["scale"] == 2.0
+    with pipelines.use("shapes") as pipe:  # the search's scheduler was the recipe's, not the cache's for good
+        assert type(pipe.scheduler).__name__ != "EulerDiscreteScheduler"
+    with pytest.raises(Exception, match=r"needs a recipe with one `controls: perturb:` block"):
+        client.predict(1, 1, "", prompt="a red circle", steps=2, api_name="/hunt")
