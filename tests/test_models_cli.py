@@ -71,9 +71,10 @@ def test_bench_unknown_family_is_a_clear_error(capsys):
 def test_bench_pipeline_smoke(tmp_path):
     out = tmp_path / "pipeline.json"
     assert main(["bench", "pipeline", "--quick", "--repeats", "1", "--families", "sd15",
-                 "--settings", "baseline,cfg", "--json", str(out)]) == 0
+                 "--settings", "baseline,cfg,cfg+pag,cfg+pag[all-blocks]", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["family"], r["setting"]) for r in rows] == [("sd15", "baseline"), ("sd15", "cfg")]
+    assert [(r["family"], r["setting"]) for r in rows] == [("sd15", s) for s in
+                                                           ("baseline", "cfg", "cfg+pag", "cfg+pag[all-blocks]")]
     assert all(r["seconds_per_image"] > 0 and r["peak_mem_mb"] > 50 for r in rows)
     assert main(["bench", "pipeline", "--settings", "cfg+nope"]) == 2
 
