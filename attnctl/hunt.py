@@ -305,12 +305,16 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
                 if not state.partial:
                     say("no candidates left")
                     break
-                ranked = sorted(state.partial.items(), key=lambda kv: (-kv[1], kv[0]))
+                ranked = sorted(state.partial.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: by name
                 chosen = [k for k, _ in ranked[:top_k]]
-                state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1]})
+                before = state.rounds[-1]["best"] if state.rounds else state.baseline
+                gain = ranked[0][1] - before  # <= 0: no candidate beat the heads chosen so far
+                state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1],
+                                     "gain": gain})
                 state.partial = {}
                 save(recipe_snippet(guidance, state.selected))
-                say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f})")
+                say(f"round {round_index + 1}: chose {', '.join(chosen)} (best {ranked[0][1]:.4f}, {gain:+.4f}"
+                    + ("; no candidate improved the score" if gain <= 0 else "") + ")")
     finally:
         pipe.scheduler = own_scheduler
     save(recipe_snippet(guidance, state.selected))

@@ -101,6 +101,8 @@ def test_hunt_rounds_resume_and_snippet(tmp_path, capsys):
     second = json.loads(state_path.read_text())
     assert second["rounds"][0] == first["rounds"][0]
     assert second["rounds"][1]["chosen"] == list(planted["partial"]) and second["rounds"][1]["best"] == 99.0
+    assert second["rounds"][1]["gain"] == 99.0 - first["rounds"][0]["best"]  # against the round before
+    assert first["rounds"][0]["gain"] == first["rounds"][0]["best"] - first["baseline"]
     assert len(second["rounds"][1]["scores"]) == 2 and second["partial"] == {}
     snippet = yaml.safe_load((tmp_path / "snippet.yaml").read_text())
     heads = sorted(int(k.rsplit(":", 1)[1]) for k in second["selected"])

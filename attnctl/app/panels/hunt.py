@@ -15,7 +15,8 @@ from .base import Panel
 def result_text(state) -> str:
     """A finished hunt (``attnctl.hunt.HuntState``) as YAML: the recipe snippet under a comment per round."""
     lines = [f"# baseline (no perturbation): {state.baseline:.4f}"]
-    lines += [f"# round {i}: {', '.join(r['chosen'])} (score {r['best']:.4f})" for i, r in enumerate(state.rounds, 1)]
+    lines += [f"# round {i}: {', '.join(r['chosen'])} (score {r['best']:.4f}, {r['gain']:+.4f})"
+              for i, r in enumerate(state.rounds, 1)]
     return "\n".join(lines) + "\n" + (state.snippet or "")
 
 
