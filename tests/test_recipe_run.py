@@ -209,3 +209,17 @@ def test_sweep_has_its_own_progress_bar(tmp_path, capsys):
     run_recipe(recipe, out=tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "sweep" not in err and "images: 100%" in err  # no sweep: no settings bar
+
+
+def test_dry_run_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`attnctl run R --dry-run | head -1`: no traceback when the reader goes away."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, "model: tiny:sd15\nprompt: a red circle\nseeds: [" + ", ".join(map(str, range(5000))) + "]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "attnctl", "run", str(path), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"recipe ")
+    proc.stdout.close()  # far more than a pipe buffer is still to come
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
