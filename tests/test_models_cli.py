@@ -77,6 +77,13 @@ def test_bench_pipeline_smoke(tmp_path):
                                                            ("baseline", "cfg", "cfg+pag", "cfg+pag[all-blocks]")]
     assert all(r["seconds_per_image"] > 0 and r["peak_mem_mb"] > 50 for r in rows)
     assert main(["bench", "pipeline", "--settings", "cfg+nope"]) == 2
+    # Interleaved: one process for the family, every setting timed once per round.
+    assert main(["bench", "pipeline", "--quick", "--repeats", "2", "--families", "sd15", "--interleave",
+                 "--settings", "cfg,cfg+pag[0-0.2]", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["setting"] for r in rows] == ["cfg", "cfg+pag[0-0.2]"] and rows[1]["vs_cfg"] > 0
+    assert all(r["runs"] == 2 and r["peak_shared"] and r["min_s"] <= r["seconds_per_image"] for r in rows)
+    assert main(["bench", "overhead", "--interleave"]) == 2
 
 
 def test_import_attnctl_does_not_import_gradio_or_triton():

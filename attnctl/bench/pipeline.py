@@ -9,6 +9,11 @@ Every (family, setting) runs in a fresh Python process, alone, so its peak resid
 (CONTRACTS.md, Benchmarks: on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
 Inside that process: one warm-up call, then ``repeats`` timed calls; the median is reported with min and max.
 Sizes follow ``attnctl bench overhead`` (one step >= ~20 ms on 2 cores).
+
+``interleave=True`` (``--interleave``) measures the ratios instead: one fresh process per family runs every
+setting in turn, round after round (the order rotated each round), so a shared machine's slow minutes fall on
+all settings alike; separate processes per setting put them on whichever setting ran then (seen here: the same
+setting 0.96x and 1.26x CFG in two runs). Its ``peak_mem_mb`` is the shared process's (``peak_shared``).
 """
 
 from __future__ import annotations
@@ -97,43 +102,68 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(family: str, setting: str, repeats: int, quick: bool) -> dict:
-    """Time ``setting`` on ``family`` in this process (call it in a fresh one for a meaningful peak)."""
+def _context(family: str, quick: bool) -> BenchContext:
     height, width, steps = (QUICK if quick else SIZES)[check_families([family])[0]]
     pipe = bench_pipeline(family)
     if torch.cuda.is_available():
         pipe.to("cuda")
-    ctx = BenchContext(family, pipe, height, width, steps)
+    return BenchContext(family, pipe, height, width, steps)
+
+
+def _timed(generate: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    generate()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _row(ctx: BenchContext, setting: str, times: list[float]) -> dict:
+    return {"family": ctx.family, "setting": setting, "seconds_per_image": statistics.median(times),
+            "min_s": min(times), "max_s": max(times), "peak_mem_mb": _peak_mb(),
+            "size": f"{ctx.height}x{ctx.width}", "steps": ctx.steps, "runs": len(times)}
+
+
+def measure(family: str, setting: str, repeats: int, quick: bool) -> dict:
+    """Time ``setting`` on ``family`` in this process (call it in a fresh one for a meaningful peak)."""
+    ctx = _context(family, quick)
     generate = _setting(setting)(ctx)
     with torch.no_grad():
         generate()  # warm-up
-        times = []
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            generate()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return {"family": family, "setting": setting, "seconds_per_image": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "peak_mem_mb": _peak_mb(), "size": f"{height}x{width}",
-            "steps": steps, "runs": len(times)}
+        times = [_timed(generate) for _ in range(max(1, repeats))]
+    return _row(ctx, setting, times)
 
 
-def run(repeats: int = 5, families=None, quick: bool = False, settings=None):
+def measure_interleaved(family: str, settings: list[str], repeats: int, quick: bool) -> list[dict]:
+    """Time every setting on ``family`` in this process, one call of each per round, the order rotated."""
+    ctx = _context(family, quick)
+    generators = {name: _setting(name)(ctx) for name in settings}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    with torch.no_grad():
+        for generate in generators.values():
+            generate()  # warm-up
+        for r in range(max(1, repeats)):
+            for name in settings[r % len(settings):] + settings[: r % len(settings)]:
+                times[name].append(_timed(generators[name]))
+    return [dict(_row(ctx, name, times[name]), peak_shared=True) for name in settings]
+
+
+def run(repeats: int = 5, families=None, quick: bool = False, settings=None, interleave: bool = False):
     names = list(settings or SETTINGS)
     families = check_families(families)
     for name in names:
         _setting(name)  # unknown names fail before any process starts
     rows = []
     env = dict(os.environ)
-    for family in families:
-        for name in names:
-            cmd = [sys.executable, "-m", "attnctl.bench.pipeline", "--family", family, "--setting", name,
-                   "--repeats", str(repeats)] + (["--quick"] if quick else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise AttnctlError(f"bench pipeline {family}/{name} failed:\n{done.stderr.strip()[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    jobs = ([(family, names) for family in families] if interleave
+            else [(family, [name]) for family in families for name in names])
+    for family, chosen in jobs:
+        cmd = [sys.executable, "-m", "attnctl.bench.pipeline", "--family", family, "--settings", ",".join(chosen),
+               "--repeats", str(repeats)] + (["--quick"] if quick else []) + (["--interleave"] if interleave else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise AttnctlError(f"bench pipeline {family}/{','.join(chosen)} failed:\n{done.stderr.strip()[-2000:]}")
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
     by_cfg = {r["family"]: r["seconds_per_image"] for r in rows if r["setting"] == "cfg"}
     for r in rows:
         if r["family"] in by_cfg:
@@ -141,14 +171,20 @@ def run(repeats: int = 5, families=None, quick: bool = False, settings=None):
     return rows, ["family", "setting", "size", "seconds_per_image", "min_s", "max_s", "vs_cfg", "peak_mem_mb"]
 
 
-def _main() -> None:  # the fresh process of one (family, setting)
+def _main() -> None:  # the fresh process of one family and its setting(s)
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", required=True)
-    parser.add_argument("--setting", required=True)
+    parser.add_argument("--settings", required=True)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--interleave", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(measure(args.family, args.setting, args.repeats, args.quick)))
+    names = args.settings.split(",")
+    if args.interleave:
+        rows = measure_interleaved(args.family, names, args.repeats, args.quick)
+    else:
+        rows = [measure(args.family, name, args.repeats, args.quick) for name in names]
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
