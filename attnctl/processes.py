@@ -73,6 +73,13 @@ def without_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
+def launched() -> bool:
+    """Whether this process was started by a launcher (accelerate, torchrun): then ``--distributed`` is already
+    in effect and must not launch again (``--dist 2``, an abbreviation argparse accepts, would escape
+    ``without_option`` and start processes without end)."""
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def relaunch(argv: list[str], processes: int) -> int:
     """Run ``attnctl ARGV`` (with ``--distributed`` removed) as ``processes`` processes under accelerate's
     launcher; returns its exit status."""
@@ -85,4 +92,4 @@ def relaunch(argv: list[str], processes: int) -> int:
     return subprocess.run(cmd + without_option(argv, "--distributed"), env=dict(os.environ)).returncode
 
 
-__all__ = ["Processes", "relaunch", "without_option"]
+__all__ = ["Processes", "launched", "relaunch", "without_option"]

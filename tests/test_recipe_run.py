@@ -223,3 +223,19 @@ def test_dry_run_into_a_closed_pipe_stops_quietly(tmp_path):
     proc.stdout.close()  # far more than a pipe buffer is still to come
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_distributed_inside_a_launched_process_does_not_launch_again(tmp_path, monkeypatch):
+    """Under a launcher (WORLD_SIZE set) `--distributed N` is already in effect: the verb runs, it does not
+    start another launcher (`--dist 2`, an abbreviation, stays in the children's argv)."""
+    import subprocess
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError(f"launched again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_launch)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    path = _write(tmp_path, "model: tiny:sd15\nprompt: a red circle\nsteps: 2\nheight: 32\nwidth: 32\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet", "--dist", "2"]) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert json.loads((folder / "run.json").read_text())["status"] == "complete"

@@ -31,9 +31,9 @@ def main(args) -> int:
     from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.distributed is not None:
-        from ..processes import relaunch
+    from ..processes import launched, relaunch
 
+    if args.distributed is not None and not launched():
         return relaunch(args.argv, args.distributed)
     json_path = args.json_path or f"hunt-{Path(args.recipe).stem}.json"
     state = hunt(recipe, objective=args.objective, rounds=args.rounds, top_k=args.top_k, json_path=json_path,

@@ -35,9 +35,9 @@ def main(args) -> int:
             values = ", ".join(f"{k}={v}" for k, v in item.values)
             print(f"  {item.stem}: seed {item.seed}: {item.prompt}" + (f"  [{values}]" if values else ""))
         return 0
-    if args.distributed is not None:
-        from ..processes import relaunch
+    from ..processes import launched, relaunch
 
+    if args.distributed is not None and not launched():
         return relaunch(args.argv, args.distributed)
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
