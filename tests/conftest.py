@@ -8,6 +8,12 @@ import torch
 
 from attnctl.testing import TINY_FAMILIES, tiny_call_kwargs, tiny_pipeline
 
+# One CPU thread for the whole suite: float32 sums then split the same way on every machine, whatever its core
+# count, and like those of the subprocesses the tests start with OMP_NUM_THREADS=1 (whose PNGs and scores are
+# compared bit for bit). Tests that compare two computation paths at 1e-5 rely on it. (Until 2026-12-02 the
+# suite got this by accident: a training test set one thread and never restored it.)
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -35,14 +41,3 @@ def call_kwargs(family):
 
     return make
 
-
-@pytest.fixture
-def one_thread():
-    """torch on one CPU thread for the test, restored after: float32 sums then split like those of a
-    subprocess started with OMP_NUM_THREADS=1, so its outputs can be compared bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

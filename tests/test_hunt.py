@@ -122,7 +122,7 @@ def test_hunt_needs_a_perturb_block(tmp_path, capsys):
     assert "needs a recipe with one `controls: perturb:` block" in capsys.readouterr().err
 
 
-def test_two_process_hunt_equals_one_process(tmp_path, one_thread):
+def test_two_process_hunt_equals_one_process(tmp_path):
     """accelerate with 2 CPU processes: the candidate batches are dealt out, every score lands under its own
     head, and the rounds (scores, choices) and the snippet equal a 1-process hunt's."""
     import os

@@ -177,7 +177,7 @@ def test_sweep_run_contact_sheet_and_item_recipes(tmp_path):
     assert Image.open(again / "0000_seed0.png").tobytes() == pixels["0002_set1_seed0.png"]
 
 
-def test_two_process_sweep_equals_one_process(tmp_path, one_thread):
+def test_two_process_sweep_equals_one_process(tmp_path):
     """accelerate with 2 CPU processes: every item exactly once, the same PNGs as a 1-process run."""
     import os
     import subprocess

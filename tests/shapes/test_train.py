@@ -60,7 +60,7 @@ def test_training_conditioning_equals_the_pipelines_encode_prompt(trained, model
         torch.testing.assert_close(pooled, ref_pooled)
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, one_thread):
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     cfg = T.tiny_config("shapes", vae_steps=2, steps=4, checkpoint_every=2)
     T.train("shapes", tmp_path / "a", config=cfg, device="cpu", progress=False)
 
