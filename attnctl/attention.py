@@ -5,7 +5,8 @@ Shapes throughout: ``q`` (B, H, Sq, D), ``k``/``v`` (B, H, Sk, D), output (B, H,
 ``attend`` computes ``(1 - u) * softmax(q k^T * scale + bias) v + u * identity_branch`` where ``u`` is an
 optional per-(row, head) strength (SoftPAG; u = 1 is PAG's identity map). The identity branch is ``v`` itself
 (``mode="full"``) or, for joint attention, attention restricted to the text keys plus each image query's own
-token (``mode="image"``: only the image->image block becomes the identity). Backends register in ``BACKENDS``
+token (``mode="image"``: only the image->image block becomes the identity; computed from the image->text
+block and the diagonal, O(S_img x S_text) instead of a masked O(S^2) SDPA). Backends register in ``BACKENDS``
 with a predicate saying which calls they support; ``ATTNCTL_BACKEND`` (``sdpa`` | ``triton``) forces one.
 Maps for chosen keys (``key_probabilities``) are computed in query chunks, never as one SxS matrix.
 """
@@ -56,16 +57,57 @@ def _identity_branch(req: AttentionRequest, rows: torch.Tensor) -> torch.Tensor:
         raise AttnctlError(f"unknown perturbation mode {req.mode!r}; allowed: full, image")
     if req.text is None:
         return v  # no text in the sequence: image-only identity is the plain identity
-    seq = q.shape[2]
-    allowed = torch.zeros(seq, seq, dtype=torch.bool, device=q.device)
-    allowed[:, req.text] = True  # every query keeps the text keys
-    allowed |= torch.eye(seq, dtype=torch.bool, device=q.device)  # and its own token
-    allowed[req.text, :] = True  # text queries are untouched: they see everything
     bias = req.bias[rows] if req.bias is not None and req.bias.shape[0] > 1 else req.bias
-    mask = torch.zeros(seq, seq, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    return image_identity(q, k, v, req.text, bias=bias, scale=req.scale)
+
+
+def _complement(span: slice, seq: int, device) -> slice | torch.Tensor:
+    """The positions of ``range(seq)`` outside ``span``: a slice when they are contiguous, else an index tensor."""
+    start, stop, _ = span.indices(seq)
+    if start == 0:
+        return slice(stop, seq)
+    if stop == seq:
+        return slice(0, start)
+    keep = torch.ones(seq, dtype=torch.bool, device=device)
+    keep[start:stop] = False
+    return torch.nonzero(keep).flatten()
+
+
+def image_identity(q, k, v, text: slice, *, bias=None, scale: float | None = None) -> torch.Tensor:
+    """Joint attention whose image->image block is the identity; (B, H, S, D) out, without an S x S tensor.
+
+    Text queries attend to every key (their plain attention). An image query i attends to the text keys and
+    to its own key only, so its scores are the (S_img, S_text) image->text block plus the diagonal
+    q_i . k_i: O(S_img * S_text) work instead of the O(S^2) of a masked SDPA. ``bias`` (additive, broadcastable
+    to (B, H, S, S)) is added to exactly the scores kept, as a dense mask would.
+    """
+    seq = q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    text = slice(*text.indices(seq)[:2])
+    image = _complement(text, seq, q.device)
+    out = torch.empty_like(v)
+    text_bias = None
     if bias is not None:
-        mask = mask + bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=req.scale)
+        while bias.ndim < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.expand(*bias.shape[:2], seq, seq)
+        text_bias = bias[:, :, text]
+    out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=text_bias, dropout_p=0.0,
+                                                     scale=scale)
+    qi, ki, vi = q[:, :, image], k[:, :, image], v[:, :, image]
+    cross = torch.matmul(qi, k[:, :, text].transpose(-1, -2)) * scale  # (B, H, S_img, S_text)
+    own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, H, S_img, 1): the diagonal
+    if bias is not None:
+        if isinstance(image, slice):
+            cross = cross + bias[:, :, image, text]
+            own = own + torch.diagonal(bias[:, :, image, image], dim1=-2, dim2=-1).unsqueeze(-1)
+        else:
+            cross = cross + bias[:, :, image][..., text]
+            own = own + bias[:, :, image, image].unsqueeze(-1)
+    probs = torch.softmax(torch.cat([cross, own], dim=-1), dim=-1)
+    n_text = cross.shape[-1]
+    out[:, :, image] = torch.matmul(probs[..., :n_text], v[:, :, text]) + probs[..., n_text:] * vi
+    return out
 
 
 def attend_reference(req: AttentionRequest) -> torch.Tensor:

@@ -47,18 +47,24 @@ def test_full_rows_at_u1_skip_softmax_and_stay_finite():
     torch.testing.assert_close(out[1], v[1])
 
 
-def test_image_only_identity_keeps_text():
-    seq, text = 12, slice(8, 12)  # SD3 layout: [image(8); text(4)]
+@pytest.mark.parametrize("text", [slice(8, 12), slice(0, 4), slice(3, 7)], ids=["sd3", "flux", "middle"])
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 12, 12), (1, 1, 1, 12)], ids=str)
+def test_image_only_identity_keeps_text(text, bias_shape):
+    """Mode "image" (computed from the image->text block and the diagonal, no S x S mask) equals a dense
+    masked softmax: text rows see everything, image rows see the text keys and themselves; a bias (regions)
+    is added to exactly the scores kept."""
+    seq = 12  # SD3 puts text after the image tokens, FLUX before; a middle span takes the index-tensor path
     q, k, v = (_rand(1, 2, seq, 8, seed=s) for s in (7, 8, 9))
+    extra = None if bias_shape is None else _rand(*bias_shape, seed=10)
     u = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
-    out = attend(AttentionRequest(q, k, v, u=u, mode="image", text=text))
+    out = attend(AttentionRequest(q, k, v, bias=extra, u=u, mode="image", text=text))
     allowed = torch.zeros(seq, seq, dtype=torch.bool)
     allowed[:, text] = True
     allowed |= torch.eye(seq, dtype=torch.bool)
     allowed[text, :] = True
     bias = torch.zeros(seq, seq, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    _, perturbed = _softmax_ref(q, k, v, bias)
-    _, plain = _softmax_ref(q, k, v)
+    _, perturbed = _softmax_ref(q, k, v, bias if extra is None else bias + extra)
+    _, plain = _softmax_ref(q, k, v, extra)
     expected = (1 - u[..., None, None]) * plain + u[..., None, None] * perturbed
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out[:, :, text], plain[:, :, text], atol=1e-12, rtol=0)  # text rows untouched
