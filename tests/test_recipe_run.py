@@ -239,3 +239,41 @@ def test_distributed_inside_a_launched_process_does_not_launch_again(tmp_path, m
     assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet", "--dist", "2"]) == 0
     (folder,) = (tmp_path / "runs").iterdir()
     assert json.loads((folder / "run.json").read_text())["status"] == "complete"
+
+
+def test_quiet_run_of_the_quickstart_prints_only_its_result(tmp_path):
+    """`attnctl run --quiet` in a fresh process: no progress or loading bars, and no notice from transformers
+    about torchvision (diffusers' imports triggered two such lines on every run); stdout names the folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "attnctl", "run", str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml"),
+                           "--quiet", "--out", str(tmp_path), "--set", "steps=2", "--set", "seeds=[0]"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    (folder,) = tmp_path.iterdir()
+    assert done.stdout.strip() == f"wrote 3 item(s) to {folder}"
+
+
+def test_torchvision_notice_is_dropped_and_other_warnings_pass():
+    import logging
+
+    from attnctl.cli import quiet_known_notices
+
+    quiet_known_notices()
+    quiet_known_notices()  # idempotent
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else"]
+    assert sum(type(f).__name__ == "_TorchvisionNotice" for f in logger.filters) == 1

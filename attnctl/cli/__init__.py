@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 VERBS = {
@@ -37,7 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL backend without torchvision.
+
+    diffusers' pipeline modules name ``CLIPImageProcessor`` and ``SiglipImageProcessor``, so every command that
+    loads a pipeline printed two such lines; attnctl needs neither torchvision nor those processors (safety
+    checker and IP-Adapter inputs), so the notice says nothing to its users. Every other warning passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_known_notices() -> None:
+    """Install the filters of known, meaningless library notices (idempotent; the CLI and the app call it)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionNotice())
+
+
+def hide_loading_bars() -> None:
+    """No "Loading pipeline components / weights" bars from diffusers and transformers (``--quiet``)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_notices()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -35,6 +35,10 @@ def main(args) -> int:
 
     if args.distributed is not None and not launched():
         return relaunch(args.argv, args.distributed)
+    if args.quiet:
+        from . import hide_loading_bars
+
+        hide_loading_bars()
     json_path = args.json_path or f"hunt-{Path(args.recipe).stem}.json"
     state = hunt(recipe, objective=args.objective, rounds=args.rounds, top_k=args.top_k, json_path=json_path,
                  batch=args.batch, progress=None if args.quiet else print)

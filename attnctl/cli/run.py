@@ -39,6 +39,10 @@ def main(args) -> int:
 
     if args.distributed is not None and not launched():
         return relaunch(args.argv, args.distributed)
+    if args.quiet:
+        from . import hide_loading_bars
+
+        hide_loading_bars()
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {len(items)} item(s) to {folder}")
