@@ -41,6 +41,7 @@ SETTINGS: dict[str, str] = {
     "cfg+pag": "attnctl.bench.pag:cfg_pag",
     "cfg+pag[0-0.2]": "attnctl.bench.pag:cfg_pag_early",
     "cfg+pag[all-blocks]": "attnctl.bench.pag:cfg_pag_all_blocks",
+    "pag": "attnctl.bench.pag:pag",
     "cfg+excite": "attnctl.bench.excite:cfg_excite",
     "diffusers-excite": "attnctl.bench.excite:diffusers_excite",
 }
