@@ -250,7 +250,7 @@ class Excite(Control):
         delta = 5.0 * grad / grad.norm()
         with torch.no_grad():
             after = self._score(update, update.z + delta)
-        self.losses.append((float(score), float(after)))
+        self.losses.append((float(score.detach()), float(after)))
         return delta
 
 
