@@ -10,8 +10,9 @@ when it names none), the guidance settings (scale, u, window, schedule, mode) ar
 images are the recipe's (prompt, seed) items. Candidates share one pipeline call: ``batch`` candidates of
 one item run as ``batch`` samples of that item's seed, each sample with its own head set, so one denoiser
 call holds [uncond x batch, cond x batch, perturbed x batch]. Objectives are a registry (``OBJECTIVES``)
-of ``name -> "module:factory"``; a factory gets an optional argument (``clip:MODEL_ID``) and returns an
-object with ``score(images uint8 (N, H, W, 3), prompts) -> float64 (N,)`` (higher is better).
+of ``name -> "module:factory"`` (built in: ``shapes``, ``clip``, ``pickscore``; a user's own is named
+``module.path:Factory`` on the command line); a factory gets an optional argument (``clip:MODEL_ID``) and
+returns an object with ``score(images uint8 (N, H, W, 3), prompts) -> float64 (N,)`` (higher is better).
 
 The state is a JSON file rewritten atomically after every batch, so an interrupted hunt resumes where it
 stopped (same recipe and settings) and a finished one can be extended with more rounds.
@@ -35,6 +36,7 @@ from .errors import AttnctlError, RecipeError, did_you_mean
 OBJECTIVES: dict[str, str] = {
     "shapes": "attnctl.hunt:ShapesObjective",
     "clip": "attnctl.hunt:ClipObjective",
+    "pickscore": "attnctl.hunt:PickScoreObjective",
 }
 
 Head = tuple[str, int]  # (site name, head index)
@@ -61,19 +63,37 @@ class ShapesObjective:
 
 
 class ClipObjective:
-    """CLIP score: 100 x cosine similarity of image and prompt embeddings of any CLIP model (hub id or local
-    folder; ``clip:openai/clip-vit-large-patch14``), loaded through transformers."""
+    """CLIP score: 100 x cosine similarity of image and prompt embeddings of any CLIP model, loaded through
+    transformers. Argument ``MODEL`` or ``MODEL,PROCESSOR`` (hub ids or local folders; the processor defaults to
+    the model's own): ``clip:openai/clip-vit-large-patch14``."""
+
+    name = "clip"
+    default_model: str | None = None
+    default_processor: str | None = None  # None: the model's own
 
     def __init__(self, argument: str | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
-        if not argument:
-            raise AttnctlError("objective 'clip' needs a model id or folder: --objective clip:MODEL")
+        model_id, processor_id = self.ids(argument)
         try:
-            self.model = CLIPModel.from_pretrained(argument).eval()
-            self.processor = CLIPProcessor.from_pretrained(argument)
+            self.model = CLIPModel.from_pretrained(model_id).eval()
+            self.processor = CLIPProcessor.from_pretrained(processor_id)
         except (OSError, ValueError) as exc:
-            raise AttnctlError(f"objective 'clip': cannot load CLIP model {argument!r}: {exc}") from None
+            raise AttnctlError(f"objective {self.name!r}: cannot load CLIP model {model_id!r} with processor "
+                               f"{processor_id!r}: {exc}") from None
+
+    @classmethod
+    def ids(cls, argument: str | None) -> tuple[str, str]:
+        """(model, processor) from ``MODEL[,PROCESSOR]`` and the class defaults."""
+        model_id, _, processor_id = (argument or "").partition(",")
+        model_id = model_id.strip() or cls.default_model
+        if not model_id:
+            raise AttnctlError(f"objective {cls.name!r} needs a model id or folder: --objective {cls.name}:MODEL "
+                               f"(or MODEL,PROCESSOR)")
+        return model_id, processor_id.strip() or cls.default_processor or model_id
+
+    def scale(self) -> float:
+        return 100.0
 
     @torch.no_grad()
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -82,17 +102,68 @@ class ClipObjective:
         out = self.model(**inputs)
         image = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
         text = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
-        return (100.0 * (image * text).sum(-1)).numpy()
+        return (self.scale() * (image * text).sum(-1)).numpy()
 
 
-def load_objective(spec: str):
-    """``NAME`` or ``NAME:ARGUMENT`` -> an objective instance."""
+class PickScoreObjective(ClipObjective):
+    """PickScore (Kirstain et al. 2023), HeadHunter's quality objective: a CLIP-H fine-tuned on human
+    preferences, scored as ``exp(logit_scale) x cosine`` as its authors do. ``pickscore`` loads
+    ``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the model's
+    repository ships none); ``pickscore:MODEL[,PROCESSOR]`` another copy (e.g. a local folder)."""
+
+    name = "pickscore"
+    default_model = "yuvalkirstain/PickScore_v1"
+    default_processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+
+def load_objective(spec: str, *, user_objectives: bool = True):
+    """``NAME`` or ``NAME:ARGUMENT`` -> an objective instance.
+
+    ``NAME`` is a registered objective (``OBJECTIVES``) or your own as ``module:factory`` (``module.path:Class``
+    or ``module.path:Class:ARGUMENT``, importable from the working directory or the environment): a factory taking the optional
+    argument and returning an object with ``score(images uint8 (N, H, W, 3), prompts) -> (N,) floats``.
+    ``user_objectives=False`` allows only the registered ones (the app: a form field must not name any callable
+    of the server's Python, ``os:system:...``).
+    """
     name, _, argument = spec.partition(":")
-    if name not in OBJECTIVES:
-        raise AttnctlError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; "
-                           f"allowed: {', '.join(OBJECTIVES)}")
-    module, attr = OBJECTIVES[name].split(":")
-    return getattr(importlib.import_module(module), attr)(argument or None)
+    if name in OBJECTIVES:
+        module, attr = OBJECTIVES[name].split(":")
+        return getattr(importlib.import_module(module), attr)(argument or None)
+    attr, _, argument = argument.partition(":")
+    factory = _user_factory(name, attr) if attr and user_objectives else None
+    if factory is None:
+        own = ", or your own as module.path:Factory[:ARGUMENT]" if user_objectives else ""
+        raise AttnctlError(f"unknown objective {name!r}{did_you_mean(name, OBJECTIVES)}; allowed: "
+                           f"{', '.join(OBJECTIVES)}{own}")
+    scorer = factory(argument or None)
+    if not callable(getattr(scorer, "score", None)):
+        raise AttnctlError(f"objective {name}:{attr} returned {type(scorer).__name__}, which has no "
+                           "score(images, prompts) method")
+    return scorer
+
+
+def _user_factory(module_name: str, attr: str):
+    """``module_name.attr`` when the module imports and has it, else None (a typo stays an 'unknown' error).
+
+    The working directory is put on ``sys.path`` first (as uvicorn does for its apps), so ``my_objectives.py``
+    next to the recipe is found from the ``attnctl`` command too, whose script directory is not the cwd."""
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            return None  # the module itself is missing
+        raise AttnctlError(f"objective module {module_name!r} failed to import: {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise AttnctlError(f"objective module {module_name!r} has no {attr!r}")
+    return factory
 
 
 # -- one batched generation with a head set per sample ---------------------------------------------------------
@@ -228,7 +299,7 @@ def recipe_snippet(options: dict, heads: list[Head]) -> str:
 
 def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, json_path: str | Path | None = None,
          batch: int = 8, pipe=None, progress: Callable[[str], None] | None = print,
-         distributed: bool | None = None) -> HuntState:
+         distributed: bool | None = None, user_objectives: bool = True) -> HuntState:
     """Run (or resume) a HeadHunter search for ``recipe`` (a validated ``Recipe`` with a ``perturb`` control).
 
     Returns the state; the file at ``json_path`` (none: the state lives in memory only) holds it, with
@@ -236,6 +307,7 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     candidate batches of a round are dealt out to the processes in turn and their scores gathered after each
     wave, so every process holds the same state and process 0 writes the file; the chosen heads are those of a
     single-process search with the same ``batch``. A ``pipe`` passed in gets its own scheduler back at the end.
+    ``user_objectives``: whether ``objective`` may name a user's ``module:Factory`` (see ``load_objective``).
     """
     from .engine import apply
     from .models import load
@@ -251,7 +323,7 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     options = Perturb.Options(**entry)
     if options.targets is not None:
         raise RecipeError("attnctl hunt: give the candidate layers as `perturb: layers:` (one u), not `targets`")
-    scorer = load_objective(objective)
+    scorer = load_objective(objective, user_objectives=user_objectives)
     procs = Processes(distributed)
     if pipe is None:
         pipe = load(recipe.model, device=procs.device or recipe.device, dtype=recipe.dtype)

@@ -47,8 +47,9 @@ def test_candidates_in_one_batch_equal_separate_runs():
     assert (batched[0] - batched[1]).abs().max() > 1e-3
 
 
-def tiny_clip(folder):
-    """A random 1-layer CLIP saved to ``folder`` (32 px images): a continuous objective for tests."""
+def tiny_clip(folder, processor_folder=None):
+    """A random 1-layer CLIP saved to ``folder`` (32 px images): a continuous objective for tests. Its processor
+    goes to ``processor_folder`` when given (PickScore's repository ships none: it uses LAION's)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from attnctl.tokenizers import build_clip_tokenizer
@@ -65,7 +66,7 @@ def tiny_clip(folder):
     CLIPModel(config).save_pretrained(folder)
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                      crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(folder)
+                  tokenizer=tokenizer).save_pretrained(processor_folder or folder)
     return folder
 
 
@@ -82,6 +83,56 @@ def test_objectives_registry(tmp_path):
         load_objective("clp")
     with pytest.raises(AttnctlError, match="cannot load CLIP model"):
         load_objective(f"clip:{tmp_path / 'missing'}")
+
+
+def test_pickscore_objective_and_its_default_ids(tmp_path):
+    """pickscore = exp(logit_scale) x cosine, with the model and its processor from separate places."""
+    from attnctl.hunt import ClipObjective, PickScoreObjective
+
+    model, processor = tmp_path / "pick", tmp_path / "laion"
+    tiny_clip(model, processor)
+    assert not (model / "preprocessor_config.json").exists()
+    images = torch.randint(0, 256, (2, 32, 32, 3), generator=torch.Generator().manual_seed(1)).numpy()
+    images = images.astype("uint8")
+    prompts = ["a red circle", "a blue square"]
+    pick = load_objective(f"pickscore:{model},{processor}")
+    clip = load_objective(f"clip:{model},{processor}")
+    factor = float(pick.model.logit_scale.detach().exp())
+    assert abs(factor - 100.0) > 1.0  # the two scales differ, so the check below can fail
+    torch.testing.assert_close(torch.as_tensor(pick.score(images, prompts)),
+                               torch.as_tensor(clip.score(images, prompts)) * factor / 100.0)
+    assert PickScoreObjective.ids(None) == ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    assert PickScoreObjective.ids("my/copy") == ("my/copy", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    assert ClipObjective.ids("m") == ("m", "m") and ClipObjective.ids("m, p") == ("m", "p")
+    with pytest.raises(AttnctlError, match=r"objective 'clip' needs a model id"):
+        load_objective("clip")
+    with pytest.raises(AttnctlError, match=r"cannot load CLIP model .* with processor"):
+        load_objective(f"clip:{model}")  # the model folder has no processor
+
+
+def test_user_objective_from_a_module(tmp_path, monkeypatch):
+    (tmp_path / "my_objectives.py").write_text(
+        "import numpy as np\n"
+        "class Brightness:\n"
+        "    def __init__(self, argument=None):\n"
+        "        self.weight = float(argument or 1)\n"
+        "    def score(self, images, prompts):\n"
+        "        return self.weight * images.reshape(len(images), -1).mean(1) / 255.0\n"
+        "def broken(argument=None):\n"
+        "    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8).numpy()
+    images[1] = 255
+    scorer = load_objective("my_objectives:Brightness:2")
+    assert scorer.score(images, ["a", "b"]).tolist() == [0.0, 2.0]
+    with pytest.raises(AttnctlError, match=r"objective module 'my_objectives' has no 'Nope'"):
+        load_objective("my_objectives:Nope")
+    with pytest.raises(AttnctlError, match=r"returned int, which has no score"):
+        load_objective("my_objectives:broken")
+    with pytest.raises(AttnctlError, match=r"unknown objective 'pickscor'.*did you mean 'pickscore'.*module.path"):
+        load_objective("pickscor:x")
+    with pytest.raises(AttnctlError, match=r"unknown objective 'my_objectives'; allowed: shapes, clip, pickscore$"):
+        load_objective("my_objectives:Brightness", user_objectives=False)
 
 
 def test_hunt_rounds_resume_and_snippet(tmp_path, capsys):

@@ -34,7 +34,7 @@ class HuntPanel(Panel):
         with gr.Row():
             self.rounds = gr.Number(3, precision=0, minimum=1, label="Rounds", elem_id="hunt-rounds")
             self.top_k = gr.Number(4, precision=0, minimum=1, label="Heads kept per round", elem_id="hunt-top-k")
-            self.objective = gr.Textbox("", label="Objective (empty: shapes; or clip:MODEL)", elem_id="hunt-objective")
+            self.objective = gr.Textbox("", label="Objective (empty: shapes; or clip:MODEL, pickscore)", elem_id="hunt-objective")
         self.button = gr.Button("Search heads", elem_id="hunt-run")
         self.result = gr.Code("", language="yaml", label="Chosen heads", elem_id="hunt-result")
         return {}
@@ -50,7 +50,7 @@ class HuntPanel(Panel):
                 recipe = validate(recipe_from_form(values, ctx.panels, ctx.default_model))
                 with ctx.cache.use(recipe.model, recipe.device, recipe.dtype) as pipe:
                     return hunt(recipe, rounds=int(rounds), top_k=int(top_k), objective=objective or "shapes",
-                                pipe=pipe, progress=None, distributed=False)
+                                pipe=pipe, progress=None, distributed=False, user_objectives=False)
 
             return result_text(guarded(search))
 
