@@ -66,6 +66,25 @@ def hide_loading_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def add_process_options(parser, quiet_help: str, distributed_help: str) -> None:
+    """``--quiet`` and ``--distributed N`` of the verbs that generate (run, hunt); ``start`` acts on them."""
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("--distributed", type=int, default=None, metavar="N", help=distributed_help)
+
+
+def start(args) -> int | None:
+    """Before a generating verb's work: with ``--distributed N`` (and not already launched) run the same command
+    as N processes under accelerate and return its exit status; else hide the loading bars for ``--quiet`` and
+    return None (go on)."""
+    from ..processes import launched, relaunch
+
+    if args.distributed is not None and not launched():
+        return relaunch(args.argv, args.distributed)
+    if args.quiet:
+        hide_loading_bars()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_notices()
     parser = build_parser()

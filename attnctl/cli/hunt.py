@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import add_process_options, start
+
 HELP = "greedy head search (HeadHunter) for a recipe's perturb control; writes the chosen heads as a recipe snippet"
 
 
@@ -19,10 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--snippet", default=None, help="also write the recipe snippet (YAML) to this path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set steps=10")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--distributed", type=int, default=None, metavar="N",
-                        help="score each round's candidate batches in N processes (launches `accelerate launch "
-                             "--multi_gpu --num_processes N -m attnctl hunt ...`; works on CPU too)")
+    add_process_options(parser, "no progress lines", "score each round's candidate batches in N processes "
+                        "(launches `accelerate launch --multi_gpu --num_processes N -m attnctl hunt ...`; works on "
+                        "CPU too)")
 
 
 def main(args) -> int:
@@ -33,14 +34,9 @@ def main(args) -> int:
     from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from ..processes import launched, relaunch
-
-    if args.distributed is not None and not launched():
-        return relaunch(args.argv, args.distributed)
-    if args.quiet:
-        from . import hide_loading_bars
-
-        hide_loading_bars()
+    status = start(args)
+    if status is not None:
+        return status
     json_path = args.json_path or f"hunt-{Path(args.recipe).stem}.json"
     state = hunt(recipe, objective=args.objective, rounds=args.rounds, top_k=args.top_k, json_path=json_path,
                  batch=args.batch, progress=None if args.quiet else print)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import add_process_options, start
+
 HELP = "run a YAML recipe: images, run.json and attention maps in a new run folder"
 
 
@@ -12,10 +14,8 @@ def add_arguments(parser) -> None:
                         help="override a recipe value, e.g. --set steps=10 --set controls.maps.words=[cat] "
                              "--set prompt.1='a blue star' (list items by index)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print what would run, generate nothing")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--distributed", type=int, default=None, metavar="N",
-                        help="split the items over N processes (launches `accelerate launch --multi_gpu "
-                             "--num_processes N -m attnctl run ...`; works on CPU too)")
+    add_process_options(parser, "no progress bars", "split the items over N processes (launches `accelerate launch "
+                        "--multi_gpu --num_processes N -m attnctl run ...`; works on CPU too)")
 
 
 def main(args) -> int:
@@ -35,14 +35,9 @@ def main(args) -> int:
             values = ", ".join(f"{k}={v}" for k, v in item.values)
             print(f"  {item.stem}: seed {item.seed}: {item.prompt}" + (f"  [{values}]" if values else ""))
         return 0
-    from ..processes import launched, relaunch
-
-    if args.distributed is not None and not launched():
-        return relaunch(args.argv, args.distributed)
-    if args.quiet:
-        from . import hide_loading_bars
-
-        hide_loading_bars()
+    status = start(args)
+    if status is not None:
+        return status
     folder = run_recipe(recipe, out=args.out, name=Path(args.recipe).stem, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {len(items)} item(s) to {folder}")
