@@ -9,7 +9,8 @@ Here the candidates are the heads of the recipe's ``perturb`` layers (every self
 when it names none), the guidance settings (scale, u, window, schedule, mode) are the recipe's, and the
 images are the recipe's (prompt, seed) items. Candidates share one pipeline call: ``batch`` candidates of
 one item run as ``batch`` samples of that item's seed, each sample with its own head set, so one denoiser
-call holds [uncond x batch, cond x batch, perturbed x batch]. Objectives are a registry (``OBJECTIVES``)
+call holds [uncond x batch, cond x batch, perturbed x batch]; where that runs out of memory, the calls
+shrink (halved until they fit) and the search goes on. Objectives are a registry (``OBJECTIVES``)
 of ``name -> "module:factory"`` (built in: ``shapes``, ``clip``, ``pickscore``; a user's own is named
 ``module.path:Factory`` on the command line); a factory gets an optional argument (``clip:MODEL_ID``) and
 returns an object with ``score(images uint8 (N, H, W, 3), prompts) -> float64 (N,)`` (higher is better).
@@ -346,12 +347,33 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     say = progress if (progress and procs.main) else (lambda message: None)
     control = HeadSets(options, candidate_heads(pipe, options.layers))
 
+    fit = {"batch": batch}  # the most candidates one call has room for; an out-of-memory error halves it
+
+    def images_of(prompt: str, seed: int, sets: list[list[Head]]) -> np.ndarray:
+        """``generate_sets`` in calls of at most ``fit["batch"]`` samples, halving it on out-of-memory errors
+        (accelerate's test of the error: CUDA/XPU/MPS/CPU allocator messages) until one sample per call."""
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        parts, start = [], 0
+        while start < len(sets):
+            size = fit["batch"]
+            try:
+                parts.append(generate_sets(pipe, recipe, control, prompt, seed, sets[start : start + size]))
+            except Exception as exc:
+                if size == 1 or not should_reduce_batch_size(exc):
+                    raise
+                clear_device_cache(garbage_collection=True)
+                fit["batch"] = size // 2
+                say(f"out of memory with {size} candidates a call: continuing with {fit['batch']}")
+                continue
+            start += size
+        return np.concatenate(parts)
+
     def score_sets(sets: list[list[Head]]) -> np.ndarray:
         """Mean objective over the recipe's items for each head set: (len(sets),)."""
         total = np.zeros(len(sets))
         for prompt, seed in items:
-            images = generate_sets(pipe, recipe, control, prompt, seed, sets)
-            total += scorer.score(images, [prompt] * len(sets))
+            total += scorer.score(images_of(prompt, seed, sets), [prompt] * len(sets))
         return total / len(items)
 
     own_scheduler = pipe.scheduler

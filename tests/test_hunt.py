@@ -166,6 +166,40 @@ def test_hunt_rounds_resume_and_snippet(tmp_path, capsys):
     assert "other settings (steps differ)" in capsys.readouterr().err
 
 
+def test_out_of_memory_halves_the_calls_and_the_search_goes_on(tmp_path, monkeypatch, capsys):
+    """A call with more than one candidate 'runs out of memory' (the CUDA allocator's message): the hunt halves
+    its calls down to one candidate and ends with the scores of a hunt run one candidate a call; any other
+    error still stops it."""
+    import attnctl.hunt as hunt_module
+
+    real = hunt_module.generate_sets
+    sizes: list[int] = []
+
+    def tight(pipe, recipe, control, prompt, seed, sets):
+        sizes.append(len(sets))
+        if len(sets) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(pipe, recipe, control, prompt, seed, sets)
+
+    recipe = load_recipe(yaml.safe_load(RECIPE.replace("heads=0-2", "heads=0-3")))
+    one = hunt_module.hunt(recipe, rounds=1, batch=1, progress=None)
+    monkeypatch.setattr(hunt_module, "generate_sets", tight)
+    squeezed = hunt_module.hunt(recipe, rounds=1, batch=4, progress=print)
+    assert squeezed.rounds[0]["scores"] == one.rounds[0]["scores"] and len(one.rounds[0]["scores"]) == 4
+    assert sizes[:4] == [1, 4, 2, 1]  # baseline, then the first chunk: 4 -> 2 -> 1, and 1 from then on
+    assert set(sizes[4:]) == {1}
+    out = capsys.readouterr().out
+    assert "out of memory with 4 candidates a call: continuing with 2" in out
+    assert "out of memory with 2 candidates a call: continuing with 1" in out
+
+    def broken(*args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(hunt_module, "generate_sets", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        hunt_module.hunt(recipe, rounds=1, batch=4, progress=None)
+
+
 def test_hunt_needs_a_perturb_block(tmp_path, capsys):
     recipe = tmp_path / "plain.yaml"
     recipe.write_text(RECIPE.split("controls:")[0])
