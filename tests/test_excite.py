@@ -40,7 +40,7 @@ def _reference(pipe):
 
     def recorded_update(latents, loss, step_size):
         out = update(latents, loss, step_size)
-        events.append(("update", float(loss), ((latents - out) / step_size).detach(), out.detach()))
+        events.append(("update", float(loss.detach()), ((latents - out) / step_size).detach(), out.detach()))
         return out
 
     def recorded_refine(*args, **kwargs):
