@@ -248,15 +248,19 @@ class HuntState:
     baseline: float | None = None
     rounds: list[dict] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=dict)
-    snippet: str | None = None  # the recipe snippet of the selected heads, once a round finished
+    snippet: str | None = None  # the recipe snippet of the selected heads, once a round chose some
+    stopped: str | None = None  # why the search ended before its last round (``min_gain``), if it did
 
     @property
     def selected(self) -> list[Head]:
         return [parse_key(k) for r in self.rounds for k in r["chosen"]]
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "baseline": self.baseline, "rounds": self.rounds,
+        data = {"settings": self.settings, "baseline": self.baseline, "rounds": self.rounds,
                 "partial": self.partial, "selected": [head_key(h) for h in self.selected]}
+        if self.stopped is not None:
+            data["stopped"] = self.stopped
+        return data
 
     def save(self, path: Path, snippet: str | None = None) -> None:
         if snippet is not None:
@@ -285,9 +289,13 @@ def load_state(path: Path, settings: dict) -> HuntState:
                      data.get("recipe_snippet"))
 
 
-def recipe_snippet(options: dict, heads: list[Head]) -> str:
-    """The ``controls: perturb:`` block that perturbs ``heads`` with the hunt's guidance settings."""
+def recipe_snippet(options: dict, heads: list[Head]) -> str | None:
+    """The ``controls: perturb:`` block that perturbs ``heads`` with the hunt's guidance settings (None for no
+    heads: a perturb block needs at least one layer)."""
     import yaml
+
+    if not heads:
+        return None
 
     by_site: dict[str, list[int]] = {}
     for name, head in heads:
@@ -300,7 +308,8 @@ def recipe_snippet(options: dict, heads: list[Head]) -> str:
 
 def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, json_path: str | Path | None = None,
          batch: int = 8, pipe=None, progress: Callable[[str], None] | None = print,
-         distributed: bool | None = None, user_objectives: bool = True) -> HuntState:
+         distributed: bool | None = None, user_objectives: bool = True,
+         min_gain: float | None = None) -> HuntState:
     """Run (or resume) a HeadHunter search for ``recipe`` (a validated ``Recipe`` with a ``perturb`` control).
 
     Returns the state; the file at ``json_path`` (none: the state lives in memory only) holds it, with
@@ -309,6 +318,9 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
     wave, so every process holds the same state and process 0 writes the file; the chosen heads are those of a
     single-process search with the same ``batch``. A ``pipe`` passed in gets its own scheduler back at the end.
     ``user_objectives``: whether ``objective`` may name a user's ``module:Factory`` (see ``load_objective``).
+    ``min_gain``: stop at the first round whose best candidate raises the score by less than this over the heads
+    chosen so far, without adding its heads (None: always ``rounds`` rounds, as the paper). That round's scores
+    stay in the file's ``partial``, so a resumed search with a lower ``min_gain`` takes them up unrecomputed.
     """
     from .engine import apply
     from .models import load
@@ -403,6 +415,13 @@ def hunt(recipe, *, objective: str = "shapes", rounds: int = 2, top_k: int = 1, 
                 chosen = [k for k, _ in ranked[:top_k]]
                 before = state.rounds[-1]["best"] if state.rounds else state.baseline
                 gain = ranked[0][1] - before  # <= 0: no candidate beat the heads chosen so far
+                if min_gain is not None and gain < min_gain:
+                    state.stopped = (f"round {round_index + 1}: the best candidate ({ranked[0][0]}, "
+                                     f"{ranked[0][1]:.4f}) gains {gain:+.4f} < min_gain {min_gain:+.4f}; "
+                                     f"kept the {len(state.selected)} head(s) chosen before")
+                    save()
+                    say(f"stopped at {state.stopped}")
+                    break
                 state.rounds.append({"scores": dict(state.partial), "chosen": chosen, "best": ranked[0][1],
                                      "gain": gain})
                 state.partial = {}

@@ -200,6 +200,37 @@ def test_out_of_memory_halves_the_calls_and_the_search_goes_on(tmp_path, monkeyp
         hunt_module.hunt(recipe, rounds=1, batch=4, progress=None)
 
 
+def test_min_gain_stops_without_adding_heads_and_resumes(tmp_path, capsys):
+    """--min-gain G: a round whose best candidate gains less than G ends the search without its heads (no
+    snippet for no heads); its scores stay in the file, so a resumed search with a lower G takes them up."""
+    recipe = tmp_path / "hunt.yaml"
+    recipe.write_text(RECIPE)
+    state_path, snippet_path = tmp_path / "state.json", tmp_path / "snippet.yaml"
+    args = ["hunt", str(recipe), "--batch", "3", "--json", str(state_path), "--quiet", "--rounds", "1",
+            "--snippet", str(snippet_path)]
+    assert main(args) == 0  # a real round, for a state file with this recipe's settings
+    flat = json.loads(state_path.read_text())
+    heads = sorted(flat["rounds"][0]["scores"])
+    flat.update(baseline=1.0, rounds=[], partial={heads[0]: 1.0, heads[1]: 0.5, heads[2]: 0.9},
+                recipe_snippet=None)
+    state_path.write_text(json.dumps(flat))
+    snippet_path.unlink()
+    capsys.readouterr()
+    assert main(args + ["--min-gain", "0.01"]) == 0  # the best ties the baseline: gain 0 < 0.01
+    out = capsys.readouterr().out
+    saved = json.loads(state_path.read_text())
+    assert saved["rounds"] == [] and saved["selected"] == [] and "recipe_snippet" not in saved
+    assert saved["partial"] == flat["partial"] and saved["stopped"].startswith("round 1: the best candidate")
+    assert "stopped early: round 1" in out and "gains +0.0000 < min_gain +0.0100" in out
+    assert "no heads chosen: no recipe snippet" in out and not snippet_path.exists()
+    assert main(args + ["--min-gain", "0"]) == 0  # a tie is no loss: the same scores, now taken
+    saved = json.loads(state_path.read_text())
+    assert saved["selected"] == [heads[0]] and saved["rounds"][0]["scores"] == flat["partial"]
+    assert "stopped" not in saved
+    assert yaml.safe_load(snippet_path.read_text())["controls"]["perturb"]["layers"] == [
+        f"{MID}:heads={heads[0].rsplit(':', 1)[1]}"]
+
+
 def test_hunt_needs_a_perturb_block(tmp_path, capsys):
     recipe = tmp_path / "plain.yaml"
     recipe.write_text(RECIPE.split("controls:")[0])
