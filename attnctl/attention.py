@@ -98,12 +98,9 @@ def image_identity(q, k, v, text: slice, *, bias=None, scale: float | None = Non
     cross = torch.matmul(qi, k[:, :, text].transpose(-1, -2)) * scale  # (B, H, S_img, S_text)
     own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, H, S_img, 1): the diagonal
     if bias is not None:
-        if isinstance(image, slice):
-            cross = cross + bias[:, :, image, text]
-            own = own + torch.diagonal(bias[:, :, image, image], dim1=-2, dim2=-1).unsqueeze(-1)
-        else:
-            cross = cross + bias[:, :, image][..., text]
-            own = own + bias[:, :, image, image].unsqueeze(-1)
+        positions = torch.arange(seq, device=q.device)[image]
+        cross = cross + bias[:, :, image][..., text]
+        own = own + bias[:, :, positions, positions].unsqueeze(-1)
     probs = torch.softmax(torch.cat([cross, own], dim=-1), dim=-1)
     n_text = cross.shape[-1]
     out[:, :, image] = torch.matmul(probs[..., :n_text], v[:, :, text]) + probs[..., n_text:] * vi

@@ -51,7 +51,8 @@ class _TorchvisionNotice(logging.Filter):
 
 
 def quiet_known_notices() -> None:
-    """Install the filters of known, meaningless library notices (idempotent; the CLI and the app call it)."""
+    """Install the filters of known, meaningless library notices (idempotent). ``main`` calls it, so every verb
+    has it, ``attnctl app`` included; ``python app/app.py`` and library use keep the libraries' own logging."""
     logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _TorchvisionNotice) for f in logger.filters):
         logger.addFilter(_TorchvisionNotice())
