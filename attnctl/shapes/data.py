@@ -50,6 +50,7 @@ VOCAB: tuple[str, ...] = tuple(
 
 STAR_INNER_RATIO = 0.45  # inner/outer radius of the 5-pointed star (fat enough to stay a star at 12 px)
 _SUPERSAMPLE = 4
+MAX_OBJECTS = 4  # the most objects a scene holds (v2 training data has 1-4; the suites ask for up to 4)
 
 
 class ShapesError(AttnctlError):
@@ -199,8 +200,10 @@ def sample_scene(
     Objects keep ``margin`` from the image border and ``gap`` between their boxes (fractions of the side).
     Colour+shape pairs within a scene are distinct, so a caption never names the same object twice.
     """
-    if not 1 <= min_objects <= max_objects <= 3:
-        raise ShapesError(f"need 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ShapesError(
+            f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}"
+        )
     for c in colours:
         _check("colour", c, COLOURS)
     for s in shapes:

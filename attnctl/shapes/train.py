@@ -48,9 +48,11 @@ class TrainConfig:
     model: str = "shapes"
     seed: int = 0
     # data
-    dataset_size: int = 24000
+    dataset_size: int = 32000
     image_size: int = 64
-    objects_p: tuple[float, float, float] = (0.4, 0.4, 0.2)  # probabilities of 1, 2, 3 objects
+    # Probabilities of 1, 2, 3, 4 objects per scene (v1: (0.4, 0.4, 0.2)). Crowded scenes are where subjects
+    # compete for attention, so v2 trains on them.
+    objects_p: tuple[float, ...] = (0.3, 0.35, 0.2, 0.15)
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_steps: int = 1100
@@ -63,16 +65,20 @@ class TrainConfig:
     text_heads: int = 4
     text_projection: int = 64  # shapes-dit pooled projection per encoder
     # denoiser
-    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (48, 96, 96)  # v1: (32, 64, 64)
     unet_heads: int = 4
+    # Cross-attention at every resolution, the latent grid itself included (16x16 for 64 px images, the map size
+    # SD1.5 has at 512 px). v1 had none at the first level (8x8 was its finest map).
+    unet_cross_all_levels: bool = True
+    unet_layers_per_block: int = 1
     dit_layers: int = 4
     dit_heads: int = 4
     dit_head_dim: int = 32
     dit_patch: int = 2
     dit_t5_tokens: int = 256  # the SD3 pipeline's default max_sequence_length: zero tokens in place of T5
     dit_collapse_pad: bool = True  # train with one zero token weighted as dit_t5_tokens (exact, ~3x cheaper)
-    steps: int = 4500
-    batch: int = 64
+    steps: int = 8000
+    batch: int = 32
     lr: float = 5e-4
     warmup: int = 200
     weight_decay: float = 0.01
@@ -83,6 +89,9 @@ class TrainConfig:
     log_every: int = 100
     threads: int | None = None
     vae_from: str | None = None  # a pipeline folder or checkpoint whose VAE to reuse (skips the VAE phase)
+    # A pipeline folder whose denoiser and text encoder(s) start the run (same architecture; fresh optimiser).
+    # Continues a model whose training checkpoint is gone, e.g. a shipped one, in another session.
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -94,7 +103,7 @@ def default_config(model: str, **overrides) -> TrainConfig:
         raise ShapesError(f"unknown ShapesWorld model {model!r}; allowed: {', '.join(MODELS)}{did_you_mean(model, MODELS)}")
     cfg = TrainConfig(model=model)
     if model == "shapes-dit":
-        cfg = replace(cfg, text_layers=2, steps=6000)
+        cfg = replace(cfg, text_layers=2, steps=6000, batch=64, dataset_size=24000, objects_p=(0.4, 0.4, 0.2))
     unknown = set(overrides) - set(asdict(cfg))
     if unknown:
         raise ShapesError(f"unknown training option(s) {sorted(unknown)}; allowed: {sorted(asdict(cfg))}")
@@ -120,13 +129,18 @@ def render_dataset(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tenso
     """Render ``cfg.dataset_size`` scenes: ``images: uint8 (N, 3, H, W)`` and their captions."""
     from tqdm.auto import tqdm
 
+    from .data import MAX_OBJECTS
+
     p = np.asarray(cfg.objects_p, dtype=float)
+    if not 1 <= len(p) <= MAX_OBJECTS or (p < 0).any() or p.sum() <= 0:
+        raise ShapesError(f"objects_p {tuple(cfg.objects_p)}: give 1 to {MAX_OBJECTS} non-negative probabilities "
+                          "(of 1, 2, ... objects per scene) with a positive sum")
     p = p / p.sum()
     images = np.empty((cfg.dataset_size, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(cfg.dataset_size), desc="render", disable=not progress, mininterval=2):
         rng = scene_rng(cfg.seed, i)
-        n = int(rng.choice(3, p=p)) + 1
+        n = int(rng.choice(len(p), p=p)) + 1
         scene = sample_scene(rng, min_objects=n, max_objects=n)
         images[i] = np.asarray(render(scene, cfg.image_size))
         captions.append(scene.caption)
@@ -191,11 +205,12 @@ def build_denoiser(cfg: TrainConfig, tokenizer):
         from diffusers import UNet2DConditionModel
 
         n = len(cfg.unet_channels)
+        plain = 0 if cfg.unet_cross_all_levels else 1  # levels without attention, from the finest
         unet = UNet2DConditionModel(
             sample_size=latent, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet_channels),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            layers_per_block=cfg.unet_layers_per_block,
+            down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (n - plain),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - plain) + ("UpBlock2D",) * plain,
             cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,  # diffusers: heads per layer
             norm_num_groups=8,
         )
@@ -339,9 +354,15 @@ def _batch_generator(seed: int, phase: str, step: int) -> torch.Generator:
 
 
 def _save_state(path: Path, state: dict) -> None:
+    # Written beside the checkpoint and renamed over it: a full disk or an interrupted run leaves the last good
+    # checkpoint in place (and no partial file).
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()
@@ -371,6 +392,51 @@ def encode_dataset(vae, images_u8: torch.Tensor, device, batch: int = 256) -> tu
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def _cached_latents(cfg, vae, images_u8, device, ckpt: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_dataset`` once per training folder: the posterior is kept in ``latents.pt`` beside the checkpoint
+    (float16, keyed by the dataset and VAE weights), so a resumed run does not encode the dataset again."""
+    import hashlib
+
+    key = hashlib.sha256()
+    key.update(json.dumps([cfg.seed, cfg.dataset_size, cfg.image_size, list(cfg.objects_p)]).encode())
+    for name, value in sorted(vae.state_dict().items()):
+        key.update(name.encode())
+        key.update(value.detach().float().cpu().numpy().tobytes())
+    digest = key.hexdigest()
+    path = ckpt.with_name("latents.pt") if ckpt is not None else None
+    if path is not None and path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: encode again
+            cached = {}
+        if cached.get("key") == digest:
+            return cached["mean"].float(), cached["std"].float()
+    mean, std = encode_dataset(vae, images_u8, device)
+    if path is not None:
+        _save_state(path, {"key": digest, "mean": mean.half(), "std": std.half()})
+        mean, std = mean.half().float(), std.half().float()  # identical whether encoded now or read back
+    return mean, std
+
+
+def _load_weights_from_pipeline(cfg: TrainConfig, folder: str, denoiser, encoders) -> None:
+    """Load a saved pipeline's denoiser and text encoder(s) into freshly built modules of the same shape."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder)
+    except Exception as exc:
+        raise ShapesError(f"init_from={folder!r}: cannot load a pipeline from it ({exc})") from exc
+    source = pipe.unet if cfg.model == "shapes" else pipe.transformer
+    names = ["text_encoder"] if cfg.model == "shapes" else ["text_encoder", "text_encoder_2"]
+    try:
+        denoiser.load_state_dict(source.state_dict())
+        for enc, name in zip(encoders, names):
+            enc.load_state_dict(getattr(pipe, name).state_dict())
+    except RuntimeError as exc:
+        raise ShapesError(f"init_from={folder!r}: its weights do not fit this configuration's architecture "
+                          f"(check unet_channels, unet_cross_all_levels, text_* and dit_* options): {exc}") from exc
 
 
 def train_vae(cfg: TrainConfig, vae, images_u8, device, state: dict, ckpt: Path | None, progress: bool) -> None:
@@ -444,6 +510,8 @@ def train_denoiser(cfg, vae, denoiser, encoders, images_u8, ids, empty_ids, devi
                                     beta_schedule="linear", prediction_type="v_prediction")
     t5_tokens = _collapse_pad(cfg, denoiser)
     modules = [denoiser, *encoders]
+    if cfg.init_from and "denoiser" not in state:
+        _load_weights_from_pipeline(cfg, cfg.init_from, denoiser, encoders)
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema_modules = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
@@ -459,7 +527,7 @@ def train_denoiser(cfg, vae, denoiser, encoders, images_u8, ids, empty_ids, devi
     for m in modules:
         m.train()
     vae.eval().requires_grad_(False)
-    latent_mean, latent_std = encode_dataset(vae, images_u8, device)
+    latent_mean, latent_std = _cached_latents(cfg, vae, images_u8, device, ckpt)
     start = state.get("step", 0)
     bar = tqdm(range(start, cfg.steps), desc=cfg.model, disable=not progress, initial=start, total=cfg.steps,
                mininterval=5)
