@@ -252,26 +252,55 @@ def set_override(data: dict, assignment: str) -> None:
     set_path(data, key.strip(), value, f"--set {assignment!r}:", create=True)
 
 
+def _read_documents(path: Path) -> list[tuple[object, dict]]:
+    """``(data, line map)`` of every YAML document in ``path`` (a recipe file holds one; a showcase several,
+    separated by ``---`` lines)."""
+    where = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {where}: {exc.strerror or exc}") from None
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{where}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not docs:
+        return [(None, {})]
+    return [(data, _line_map(node) if node is not None else {}) for data, node in zip(docs, nodes)]
+
+
 def load_recipe(source: str | Path | dict, overrides: list[str] = ()) -> Recipe:
     """Read and validate a recipe from a YAML path or a dict; ``overrides`` are ``key=value`` strings."""
-    where, lines = "recipe", {}
     if isinstance(source, dict):
-        data = dict(source)
-    else:
-        path = Path(source)
-        where = str(path)
+        return _validate(dict(source), "recipe", {}, overrides)
+    docs = _read_documents(Path(source))
+    if len(docs) > 1:
+        raise RecipeError(f"{source}: holds {len(docs)} recipes (YAML documents separated by ---); give a file "
+                          "with one recipe here (attnctl run takes files of several and runs each in turn)")
+    return _validate(docs[0][0], str(source), docs[0][1], overrides)
+
+
+def load_recipes(source: str | Path, overrides: list[str] = ()) -> list[Recipe]:
+    """Every recipe of a file of one or more YAML documents (``---`` between them), all validated before any is
+    returned; ``overrides`` apply to each. A file of several is a *showcase*: ``attnctl run`` runs each recipe
+    into a subfolder of one run folder."""
+    docs = _read_documents(Path(source))
+    if len(docs) == 1:
+        return [_validate(docs[0][0], str(source), docs[0][1], overrides)]
+    recipes = []
+    for i, (data, lines) in enumerate(docs):
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecipeError(f"cannot read recipe {where}: {exc.strerror or exc}") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f":{mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"{where}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-        lines = _line_map(node) if node is not None else {}
+            recipes.append(_validate(data, str(source), lines, overrides))
+        except RecipeError as exc:  # line numbers count from the top of the file; say which recipe too
+            raise RecipeError(f"recipe {i + 1} of {len(docs)} in {source}:\n{exc}") from None
+    return recipes
+
+
+def _validate(data, where: str, lines: dict, overrides) -> Recipe:
+    """A validated ``Recipe`` from YAML data; errors name the file, line, field, value and what is allowed."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of keys (model:, prompt:, ...), got {type(data).__name__}")
     for assignment in overrides:

@@ -116,17 +116,31 @@ def set_scheduler(pipe, name: str | None, options: dict) -> None:
 
 
 def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "run", progress: bool = True,
-               pipe=None, distributed: bool | None = None) -> Path:
+               pipe=None, distributed: bool | None = None, compare: bool = False, folder: str | Path | None = None,
+               pipes: dict | None = None) -> Path:
     """Generate every item of ``recipe``; returns the run folder. ``distributed=None`` follows the launcher
-    (``WORLD_SIZE`` > 1 under accelerate/torchrun); ``pipe`` reuses an already loaded pipeline."""
+    (``WORLD_SIZE`` > 1 under accelerate/torchrun); ``pipe`` reuses an already loaded pipeline.
+
+    ``compare``: also generate each item without controls and write one ``baseline | controlled`` sheet per
+    setting (see ``attnctl.compare``). ``folder``: write into this new folder instead of a fresh timestamped one
+    under ``out`` (it must not exist yet). ``pipes``: a shared ``{(model, device, dtype): pipeline}`` cache."""
     from tqdm.auto import tqdm
 
     from .engine import apply
     from .models import load
 
+    if compare:
+        from .compare import check_comparable
+
+        check_comparable(recipe)
     procs = Processes(distributed)
     items = items_of(recipe)
-    folder = procs.broadcast(str(new_run_folder(Path(out or recipe.output), name)) if procs.main else None)
+    if folder is not None:
+        if procs.main:
+            Path(folder).mkdir(parents=True, exist_ok=False)
+        folder = procs.broadcast(str(folder))
+    else:
+        folder = procs.broadcast(str(new_run_folder(Path(out or recipe.output), name)) if procs.main else None)
     folder = Path(folder)
     record = {"status": "running", "recipe": recipe.model_dump(), "settings": recipe.settings(),
               "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": procs.world,
@@ -137,7 +151,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
         _write_json(folder / "run.json", record)  # replaced by the gathered record at the end
 
     mine = [it for it in items if it.index % procs.world == procs.rank]
-    pipes: dict[tuple, object] = {}
+    pipes = {} if pipes is None else pipes
+    baselines: dict[str, str] = {}  # baseline_key -> PNG file, shared by every setting of a sweep
     default_scheduler = {}
     try:
         # Bars: the sweep's settings (when there are several), this run's images, and the pipeline's steps.
@@ -156,6 +171,7 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                 if key not in pipes:
                     pipes[key] = pipe if (pipe is not None and sub.model == recipe.model) else load(
                         sub.model, device=procs.device or sub.device, dtype=sub.dtype)
+                if key not in default_scheduler:
                     default_scheduler[key] = pipes[key].scheduler
                     pipes[key].set_progress_bar_config(disable=not progress or not procs.main, leave=False)
                 p = pipes[key]
@@ -168,6 +184,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                     sweep_bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in item.values))
             _, sub, p, controls, recipe_text = current
             entry = _generate(item, sub, p, controls, recipe_text, folder, apply)
+            if compare:
+                _add_baseline(entry, item, sub, p, controls, folder, baselines)
             if procs.world > 1:
                 entry["process"] = procs.rank
             record["images"].append(entry)
@@ -185,6 +203,9 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
         record["error"] = str(exc)
         _write_json(own_json, record)
         raise
+    finally:
+        for key, scheduler in default_scheduler.items():  # a loaded or passed-in pipeline keeps its own
+            pipes[key].scheduler = scheduler
     record["status"] = "complete"
     if procs.world > 1:
         procs.barrier()
@@ -200,6 +221,8 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
         if len(items) > 1:
             contact_sheet(folder, record["images"], recipe).save(folder / "contact_sheet.png")
             record["contact_sheet"] = "contact_sheet.png"
+        if compare:
+            record["compare_sheets"] = _compare_sheets(folder, record["images"], recipe)
         _write_json(folder / "run.json", record)
         for rank in range(1, procs.world):
             (folder / f"run.rank{rank}.json").unlink(missing_ok=True)
@@ -209,19 +232,119 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
     return folder
 
 
-def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, folder: Path, apply) -> dict:
-    """One pipeline call for ``item``; writes its PNG (and map overlays) and returns its run.json entry."""
-    from .controls.maps import Maps
-    from .heatmap import overlay
+def part_name(index: int, recipe: Recipe) -> str:
+    """Subfolder name of recipe ``index`` (0-based) of a showcase: ``1-shapes-excite``."""
+    controls = "-".join(recipe.controls) or "plain"
+    return f"{index + 1}-{recipe.model.replace(':', '_').replace('/', '_')}-{controls}"
 
+
+def run_recipes(recipes: list[Recipe], *, out: str | Path | None = None, name: str = "run", progress: bool = True,
+                distributed: bool | None = None, compare: bool = False) -> Path:
+    """Run several recipes (a showcase file's documents) into subfolders of one new run folder, loading each
+    model once; with ``compare`` the parts' sheets are also stacked into the folder's ``compare.png``, else
+    their contact sheets into ``contact_sheet.png``. Every recipe is checked before anything is generated."""
+    if len(recipes) == 1:
+        return run_recipe(recipes[0], out=out, name=name, progress=progress, distributed=distributed,
+                          compare=compare)
+    from PIL import Image
+
+    from .compare import check_comparable, stack_sheets
+
+    if compare:
+        for i, recipe in enumerate(recipes):
+            check_comparable(recipe, f"recipe {i + 1} of {len(recipes)}")
+    procs = Processes(distributed)
+    folder = Path(procs.broadcast(str(new_run_folder(Path(out or recipes[0].output), name)) if procs.main else None))
+    pipes: dict = {}
+    parts = []
+    for i, recipe in enumerate(recipes):
+        sub = run_recipe(recipe, progress=progress, distributed=distributed, compare=compare,
+                         folder=folder / part_name(i, recipe), pipes=pipes)
+        parts.append(sub)
+    if procs.main:
+        sheets = []
+        for sub in parts:
+            record = json.loads((sub / "run.json").read_text())
+            names = record.get("compare_sheets") if compare else [record.get("contact_sheet")]
+            sheets += [Image.open(sub / n).convert("RGB") for n in names or [] if n]
+            if not compare and not record.get("contact_sheet") and record["images"] and record["images"][0]["file"]:
+                sheets.append(Image.open(sub / record["images"][0]["file"]).convert("RGB"))
+        sheet = "compare.png" if compare else "contact_sheet.png"
+        if sheets:
+            stack_sheets(sheets).save(folder / sheet)
+        _write_json(folder / "showcase.json", {"parts": [p.name for p in parts], "sheet": sheet if sheets else None,
+                                               "compare": compare})
+    procs.barrier()
+    return folder
+
+
+def _call_kwargs(recipe: Recipe, seed: int) -> dict:
+    """The pipeline call's keyword arguments for one image of ``recipe``."""
     kwargs = dict(num_inference_steps=recipe.steps, guidance_scale=recipe.guidance_scale,
-                  generator=torch.Generator("cpu").manual_seed(item.seed))
+                  generator=torch.Generator("cpu").manual_seed(seed))
     if recipe.negative_prompt is not None:
         kwargs["negative_prompt"] = recipe.negative_prompt
     if recipe.height:
         kwargs["height"] = recipe.height
     if recipe.width:
         kwargs["width"] = recipe.width
+    return kwargs
+
+
+def _add_baseline(entry: dict, item: Item, recipe: Recipe, pipe, controls, folder: Path,
+                  baselines: dict[str, str]) -> None:
+    """Generate (or reuse) ``item``'s image without controls; add it and, on ShapesWorld models, the detector's
+    reading of both images to ``entry``."""
+    from PIL import Image
+
+    from .compare import SHAPES_MODELS, baseline_key, baseline_prompt, detector_line, generate_baseline
+
+    prompt = baseline_prompt(controls, list(item.prompt) if isinstance(item.prompt, tuple) else item.prompt)
+    key = baseline_key(recipe, prompt, item.seed)
+    if key not in baselines:
+        kwargs = _call_kwargs(recipe, item.seed)
+        kwargs.pop("generator")
+        image = generate_baseline(pipe, prompt, kwargs, item.seed)
+        name = f"baseline_{len(baselines):04d}_seed{item.seed}.png"
+        info = PngInfo()
+        info.add_text("attnctl:prompt", prompt if isinstance(prompt, str) else json.dumps(prompt))
+        info.add_text("attnctl:seed", str(item.seed))
+        info.add_text("attnctl:baseline", "the recipe without its controls")
+        image.save(folder / name, pnginfo=info)
+        baselines[key] = name
+    entry["baseline"] = baselines[key]
+    if recipe.model in SHAPES_MODELS and entry.get("file") and isinstance(prompt, str):
+        reads = {"baseline": detector_line(Image.open(folder / entry["baseline"]), prompt),
+                 "controlled": detector_line(Image.open(folder / entry["file"]), prompt)}
+        if all(reads.values()):
+            entry["detector"] = reads
+
+
+def _compare_sheets(folder: Path, entries: list[dict], recipe: Recipe) -> list[str]:
+    """One ``baseline | controlled`` sheet per sweep setting: ``compare.png`` or ``compare_set{k}.png``."""
+    from .compare import compare_sheet
+
+    names = []
+    settings = recipe.settings()
+    for k, setting in enumerate(settings):
+        chosen = [e for e in entries if e.get("setting", 0) == k]
+        if not chosen:
+            continue
+        values = ", ".join(f"{p}={v}" for p, v in setting.items())
+        controls = ", ".join((recipe.at(setting) if setting else recipe).controls)
+        title = f"{recipe.model}: {controls}" + (f" [{values}]" if values else "")
+        name = "compare.png" if len(settings) == 1 else f"compare_set{k}.png"
+        compare_sheet(folder, chosen, title).save(folder / name)
+        names.append(name)
+    return names
+
+
+def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, folder: Path, apply) -> dict:
+    """One pipeline call for ``item``; writes its PNG (and map overlays) and returns its run.json entry."""
+    from .controls.maps import Maps
+    from .heatmap import overlay
+
+    kwargs = _call_kwargs(recipe, item.seed)
     start = time.perf_counter()
     prompt = list(item.prompt) if isinstance(item.prompt, tuple) else item.prompt
     with apply(pipe, controls) as session:

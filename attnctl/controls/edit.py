@@ -435,6 +435,11 @@ class Edit(Control):
         return latents if changed else None
 
     # -- attnctl run: one item = one edit ---------------------------------------------------------------
+    def baseline_prompt(self, prompt: str) -> str:
+        """What a side-by-side run (``--compare``) shows beside an edit: the target prompt generated from the same
+        seed without control, i.e. "just regenerate with the new prompt"."""
+        return self.options.target or prompt
+
     def generate_item(self, pipe, prompt: str, seed: int, kwargs: dict) -> dict:
         """Edit ``prompt`` (the source) to ``options.target`` inside the run's ``apply``: target image, plus the
         source and the blend mask as extra images."""
