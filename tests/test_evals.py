@@ -106,3 +106,31 @@ def test_swept_recipe_is_evaluated_at_every_setting_with_one_baseline(tmp_path, 
     result = run_eval("quality", model="shapes", recipe=str(recipe), seeds=1, limit=2, progress=False)
     assert calls == [(3.0, False), (3.0, True), (6.0, False), (6.0, True)]
     assert [r["settings"]["guidance_scale"] for r in result["reports"]] == [3.0, 6.0]
+
+
+def test_seed_start_shifts_every_case_and_the_images_follow(tmp_path):
+    """``--seed-start N`` draws seeds N, N+1, ...: the same images as the seeds themselves, other than seed 0's."""
+    shifted = run_eval("quality", model="shapes", seeds=1, limit=2, seed_start=500, progress=False)
+    assert [r["seed"] for r in shifted["rows"]] == [500, 500] and shifted["seeds"] == [500, 500]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(shifted["rows"][0]["prompt"] + "\n")
+    plain = run_eval("quality", model="shapes", prompts=str(prompts), seeds=1, limit=1, progress=False)
+    assert plain["rows"][0]["seed"] == 0
+    from attnctl.errors import AttnctlError
+
+    with pytest.raises(AttnctlError, match="seed_start = -1"):
+        run_eval("quality", model="shapes", seeds=1, limit=1, seed_start=-1, progress=False)
+
+
+def test_crowded_suite_has_three_and_four_object_prompts_with_subjects():
+    from attnctl.shapes.data import parse_caption
+
+    suite = get_suite("crowded")
+    cases = suite.cases(None, 10)
+    assert len(cases) == 320
+    counts = sorted({len(parse_caption(c.prompt)) for c in cases})
+    assert counts == [3, 4]
+    four = next(c for c in cases if len(parse_caption(c.prompt)) == 4)
+    assert suite.fill("excite", {}, four)["subjects"] == [o["shape"] for o in parse_caption(four.prompt)]
+    # Prompts apart from the presence suite's, so a control tuned on one is measured on the other.
+    assert not {c.prompt for c in cases} & {c.prompt for c in get_suite("presence").cases(None, 1)}

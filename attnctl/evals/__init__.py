@@ -6,6 +6,7 @@ Registry: ``SUITES = {name: "module:SUITE"}``; a suite is one module with a ``Su
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ from .base import (Case, Settings, Suite, paired_bootstrap, print_side_by_side, 
 SUITES: dict[str, str] = {
     "quality": "attnctl.evals.quality:SUITE",
     "presence": "attnctl.evals.presence:SUITE",
+    "crowded": "attnctl.evals.presence:CROWDED",
     "edit": "attnctl.evals.edit:SUITE",
     "interp": "attnctl.evals.interp:SUITE",
     "layout": "attnctl.evals.layout:SUITE",
@@ -77,7 +79,7 @@ def _write_json(path: str, report: dict) -> None:
 
 def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = None, prompts: str | None = None,
              seeds: int | None = None, limit: int | None = None, batch_size: int = 32, json_path: str | None = None,
-             pipe=None, progress: bool = True, baseline_only: bool = False) -> dict:
+             pipe=None, progress: bool = True, baseline_only: bool = False, seed_start: int = 0) -> dict:
     """Run ``suite_name``; returns (and optionally writes atomically) the report dict.
 
     A recipe with a ``sweep:`` is evaluated at every setting of its grid: each setting gets its own report of
@@ -85,6 +87,9 @@ def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = 
     that share everything but the controls (a sweep of ``guidance_scale`` or ``steps`` gets one baseline per
     value). The swept report is ``{"suite", "model", "n", "recipe", "sweep", "complete", "reports": [...]}``;
     with ``json_path`` it is rewritten after every setting, so an interrupted sweep keeps what it finished.
+
+    ``seed_start`` shifts every case's seed (``seed_start + s`` instead of ``s``): figures taken on seeds that
+    were not used to choose a checkpoint or tune a control.
     """
     from ..models import load
     from ..recipe import Recipe, load_recipe
@@ -97,6 +102,10 @@ def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = 
     plans = [(point, Settings.from_recipe(rec.at(point) if swept else rec, model)) for point in points]
     lines = read_lines(prompts) if prompts else None
     cases = suite.cases(lines, seeds or suite.default_seeds)
+    if seed_start < 0:
+        raise AttnctlError(f"seed_start = {seed_start}: seeds start at 0 or above")
+    if seed_start:
+        cases = [dataclasses.replace(c, seed=c.seed + seed_start) for c in cases]
     if limit:
         cases = cases[:limit]
     if not cases:
@@ -168,6 +177,7 @@ def _report(suite: Suite, settings: Settings, cases: list[Case], recipe: str | N
             row["controlled"] = c
     controlled = ctrl_scores is not None
     report = {"suite": suite.name, "model": settings.model, "n": len(cases), "recipe": recipe,
+              "seeds": [min(c.seed for c in cases), max(c.seed for c in cases)],
               "settings": {"steps": settings.steps, "guidance_scale": settings.guidance_scale,
                            "size": [settings.height, settings.width], "scheduler": settings.scheduler or scheduler,
                            "controls": settings.controls if controlled else {}},

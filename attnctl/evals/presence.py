@@ -18,17 +18,23 @@ from ..shapes.validate import match
 from .base import Suite, seeded_cases
 
 
-def triples(n: int, seed: int = 1) -> list[str]:
-    """``n`` three-object captions: distinct colours and distinct shapes ("a red circle, a blue square and ...")."""
+def crowds(n: int, k: int, seed: int) -> list[str]:
+    """``n`` captions of ``k`` objects (3 or 4) with distinct colours and distinct shapes, listed with commas
+    ("a red circle, a blue square and a green star")."""
     rng = np.random.default_rng(seed)
     colours, shapes = list(COLOURS), list(SHAPES)
     out = []
     for _ in range(n):
-        cs = rng.choice(len(colours), 3, replace=False)
-        ss = rng.choice(len(shapes), 3, replace=False)
-        a, b, c = (f"a {colours[i]} {shapes[j]}" for i, j in zip(cs, ss))
-        out.append(f"{a}, {b} and {c}")
+        cs = rng.choice(len(colours), k, replace=False)
+        ss = rng.choice(len(shapes), k, replace=False)
+        parts = [f"a {colours[i]} {shapes[j]}" for i, j in zip(cs, ss)]
+        out.append(", ".join(parts[:-1]) + " and " + parts[-1])
     return out
+
+
+def triples(n: int, seed: int = 1) -> list[str]:
+    """``n`` three-object captions: distinct colours and distinct shapes ("a red circle, a blue square and ...")."""
+    return crowds(n, 3, seed)
 
 
 def subjects_of(caption: str) -> list[str]:
@@ -65,6 +71,20 @@ class PresenceSuite(Suite):
                 "detections": [[d.colour, d.shape] for d in dets]}
 
 
-SUITE = PresenceSuite()
+class CrowdedSuite(PresenceSuite):
+    """``crowded``: three- and four-object prompts, where subjects compete for attention and a model most often
+    neglects one (Attend-and-Excite's case). Built-in: 16 three-object and 16 four-object captions (seeded apart
+    from ``presence``'s), ``--seeds`` each (default 10: 320 images)."""
 
-__all__ = ["SUITE", "subjects_of", "triples"]
+    name = "crowded"
+    description = "three- and four-object prompts: every object present, neglect and binding errors"
+    default_seeds = 10
+
+    def cases(self, lines, seeds):
+        return seeded_cases(lines or (crowds(16, 3, seed=11) + crowds(16, 4, seed=12)), seeds)
+
+
+SUITE = PresenceSuite()
+CROWDED = CrowdedSuite()
+
+__all__ = ["CROWDED", "SUITE", "crowds", "subjects_of", "triples"]

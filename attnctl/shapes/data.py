@@ -156,7 +156,8 @@ def caption_for(objects, rng: np.random.Generator | None = None, style: str | No
 
     ``style``: ``"plain"`` ("a red circle and a blue square"), ``"size"`` ("a small red circle ..."),
     ``"position"`` ("a red circle on the left ...") or ``"both"``; drawn at random from ``rng`` when ``None``
-    (plain 50%, size 20%, position 20%, both 10%).
+    (plain 50%, size 20%, position 20%, both 10%). Three or more objects are listed with commas ("a red circle, a
+    blue square and a green star") half the time when ``rng`` is given, else with "and" throughout.
     """
     styles = ("plain", "size", "position", "both")
     if style is None:
@@ -178,6 +179,9 @@ def caption_for(objects, rng: np.random.Generator | None = None, style: str | No
         if use_position:
             words.append(_POSITION_PHRASE[pos])
         parts.append(" ".join(words))
+    # Three or more objects: "a, b and c" (the suites' grammar) or "a and b and c", half each when drawn at random.
+    if len(parts) >= 3 and rng is not None and rng.random() < 0.5:
+        return ", ".join(parts[:-1]) + " and " + parts[-1]
     return " and ".join(parts)
 
 

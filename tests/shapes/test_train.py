@@ -163,3 +163,72 @@ def test_train_verb_smoke_and_resume(tmp_path, capsys):
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
     assert main(["train", "shapes", "--out", str(out), "--tiny", "--set", "stepz=2"]) == 2
     assert "unknown training option" in capsys.readouterr().err
+
+
+def test_v2_scenes_hold_up_to_four_objects_and_bad_probabilities_are_named(tmp_path):
+    from attnctl.shapes.data import parse_caption
+
+    cfg = T.tiny_config("shapes", dataset_size=40, objects_p=(0, 0, 0, 1))
+    images, captions = T.render_dataset(cfg, progress=False)
+    assert images.shape[0] == 40 and max(len(parse_caption(c)) for c in captions) == 4
+    assert any("," in c for c in captions) and any(c.count(" and ") >= 2 for c in captions)  # both grammars
+    for bad in ((), (0.2,) * 5, (-1, 2)):
+        with pytest.raises(AttnctlError, match="objects_p"):
+            T.render_dataset(T.tiny_config("shapes", objects_p=bad), progress=False)
+
+
+def test_unet_v2_has_cross_attention_at_every_level():
+    cfg = T.tiny_config("shapes")
+    unet, _ = T.build_denoiser(cfg, T.build_tokenizer())
+    assert all(getattr(b, "has_cross_attention", False) for b in unet.down_blocks)
+    assert all(getattr(b, "has_cross_attention", False) for b in unet.up_blocks)
+    v1, _ = T.build_denoiser(T.tiny_config("shapes", unet_cross_all_levels=False), T.build_tokenizer())
+    assert not getattr(v1.down_blocks[0], "has_cross_attention", False)
+
+
+def test_latents_are_cached_beside_the_checkpoint_and_reused(tmp_path, monkeypatch):
+    cfg = T.tiny_config("shapes", vae_steps=2, steps=2)
+    T.train("shapes", tmp_path, config=cfg, device="cpu", progress=False)
+    assert (tmp_path / "latents.pt").is_file()
+    calls = []
+    real = T.encode_dataset
+    monkeypatch.setattr(T, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    T.train("shapes", tmp_path, config=T.tiny_config("shapes", vae_steps=2, steps=3), device="cpu", progress=False)
+    assert calls == []  # resumed: the cached posterior was read, not recomputed
+
+
+def test_init_from_starts_from_a_pipeline_and_refuses_another_architecture(tmp_path):
+    cfg = T.tiny_config("shapes", vae_steps=2, steps=2)
+    first = T.train("shapes", tmp_path / "a", config=cfg, device="cpu", progress=False)
+    from diffusers import StableDiffusionPipeline
+
+    shipped = StableDiffusionPipeline.from_pretrained(first)
+    cont = T.tiny_config("shapes", vae_steps=2, steps=1, lr=0.0, warmup=1, ema=0.0, init_from=str(first))
+    T.train("shapes", tmp_path / "b", config=cont, device="cpu", progress=False)
+    state = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    for name, value in shipped.unet.state_dict().items():  # lr 0: the run kept the weights it started from
+        torch.testing.assert_close(state["denoiser"][name], value)
+    other = T.tiny_config("shapes", vae_steps=2, steps=1, unet_cross_all_levels=False, init_from=str(first))
+    with pytest.raises(AttnctlError, match="init_from=.*do not fit"):
+        T.train("shapes", tmp_path / "c", config=other, device="cpu", progress=False)
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_good_one(tmp_path, monkeypatch):
+    cfg = T.tiny_config("shapes", vae_steps=2, steps=2, checkpoint_every=2)
+    T.train("shapes", tmp_path, config=cfg, device="cpu", progress=False)
+    good = (tmp_path / "state.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")  # some bytes got out before the disk filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        T.train("shapes", tmp_path, config=T.tiny_config("shapes", vae_steps=2, steps=4, checkpoint_every=2),
+                device="cpu", progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "state.pt").read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 2  # still loadable
