@@ -99,14 +99,18 @@ def _short(value) -> str | None:
     if isinstance(value, (int, bool, str)):
         text = str(value)
         return text if len(text) <= 48 else text[:45] + "..."
+    if (isinstance(value, (list, tuple)) and len(value) > 6
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return f"{_short(value[0])} -> {_short(value[-1])} ({len(value)} values)"  # e.g. a loss per step
     if isinstance(value, (list, tuple)) and len(value) <= 6 and all(isinstance(v, (int, float, str)) for v in value):
-        return "[" + ", ".join(_short(v) or "?" for v in value) + "]"
+        text = "[" + ", ".join(_short(v) or "?" for v in value) + "]"
+        return text if len(text) <= 48 else None
     if isinstance(value, dict) and len(value) <= 4 and all(isinstance(v, (int, float, str)) for v in value.values()):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
     return None
 
 
-def diagnostic_lines(diagnostics: dict, per_control: int = 4) -> list[str]:
+def diagnostic_lines(diagnostics: dict, per_control: int = 8) -> list[str]:
     """At most ``per_control`` short ``control.key = value`` lines per control (scalars and short lists first)."""
     lines = []
     for control, info in diagnostics.items():
@@ -116,7 +120,12 @@ def diagnostic_lines(diagnostics: dict, per_control: int = 4) -> list[str]:
                 lines.append(f"{control}: {text}")
             continue
         shown = 0
-        for key, value in info.items():
+        items = list(info.items())
+        for key, value in list(items):
+            # A per-image list holding this one image's record (e.g. excite's "images"): show its fields.
+            if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+                items += [(f"{key}.{k}", v) for k, v in value[0].items()]
+        for key, value in items:
             text = _short(value)
             if text is None:
                 continue
@@ -148,6 +157,9 @@ def compare_sheet(folder: Path, entries: list[dict], title: str = ""):
         if not e.get("file") or not e.get("baseline"):
             continue
         prompt = e["prompt"] if isinstance(e["prompt"], str) else " -> ".join(e["prompt"])
+        target = (e.get("info") or {}).get("target_prompt")
+        if target:  # an edit: the controlled image is the source prompt edited to the target
+            prompt = f"{prompt} -> {target}"
         text = _wrap(f"{prompt} (seed {e['seed']})", chars)
         reads = e.get("detector")
         if reads:
@@ -165,23 +177,26 @@ def compare_sheet(folder: Path, entries: list[dict], title: str = ""):
         scale = _CELL / img.height
         return img.resize((max(1, round(img.width * scale)), _CELL), Image.NEAREST if scale >= 1 else Image.LANCZOS)
 
-    col = max([_CELL] + [fit(im).width for r in rows for im in r[:2]])
+    # Each column as wide as its widest image (an interpolation's controlled strip is wider than its baseline).
+    base_w = max([_CELL] + [fit(r[0]).width for r in rows])
+    ctrl_w = max([_CELL] + [fit(r[1]).width for r in rows])
+    text_x = base_w + ctrl_w + 10
     header = 16 + (14 if title else 0)
     heights = [max(_CELL, len(text) * _LINE_H) + 6 for _, _, text in rows]
-    sheet = Image.new("RGB", (2 * col + _TEXT_W + 12, header + sum(heights)), "white")
+    sheet = Image.new("RGB", (text_x + _TEXT_W, header + sum(heights)), "white")
     draw = ImageDraw.Draw(sheet)
     y = 2
     if title:
         draw.text((4, y), title[: sheet.width // 6], fill="black", font=font)
         y += 14
-    for x, label in ((4, "baseline (no control)"), (col + 4, "controlled"), (2 * col + 10, "diagnostics")):
+    for x, label in ((4, "baseline (no control)"), (base_w + 6, "controlled"), (text_x, "diagnostics")):
         draw.text((x, y), label, fill=(90, 90, 90), font=font)
     y = header
     for (base, ctrl, text), h in zip(rows, heights):
         sheet.paste(fit(base), (0, y))
-        sheet.paste(fit(ctrl), (col + 2, y))
+        sheet.paste(fit(ctrl), (base_w + 2, y))
         for i, line in enumerate(text):
-            draw.text((2 * col + 10, y + i * _LINE_H), line, fill="black", font=font)
+            draw.text((text_x, y + i * _LINE_H), line, fill="black", font=font)
         y += h
         draw.line([(0, y - 3), (sheet.width, y - 3)], fill=(220, 220, 220))
     return sheet
