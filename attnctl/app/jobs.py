@@ -66,9 +66,14 @@ def validate(data: dict) -> Recipe:
 
 def generate(data: dict, cache: PipelineCache, folders: RunFolders, *,
              checks: Iterable[Callable] = (), progress: bool = True,
-             on_wait: Callable[[str], None] | None = None) -> Result:
-    """Run the recipe ``data`` on a cached pipeline; ``checks(pipe, recipe)`` may raise before generating."""
+             on_wait: Callable[[str], None] | None = None, compare: bool = False) -> Result:
+    """Run the recipe ``data`` on a cached pipeline; ``checks(pipe, recipe)`` may raise before generating.
+    ``compare``: also without the controls, the ``baseline | controlled`` sheets first among the images."""
     recipe = validate(data)
+    if compare:
+        from ..compare import check_comparable
+
+        check_comparable(recipe, "the form")
     if on_wait is not None and cache.busy(recipe.model, recipe.device, recipe.dtype):
         on_wait(f"waiting for {recipe.model}: another generation is using it")
     from ..run import run_recipe
@@ -77,7 +82,7 @@ def generate(data: dict, cache: PipelineCache, folders: RunFolders, *,
         for check in checks:
             check(pipe, recipe)
         folder = run_recipe(recipe.model_copy(update={"save_maps": True}), pipe=pipe, out=folders.new(),
-                            name="app", progress=progress, distributed=False)
+                            name="app", progress=progress, distributed=False, compare=compare)
     return read_run(folder, recipe_yaml(data))
 
 
@@ -86,6 +91,8 @@ def read_run(folder: Path, recipe_text: str) -> Result:
     record = json.loads((folder / "run.json").read_text())
     result = Result(folder=folder, recipe_yaml=recipe_text)
     seconds = 0.0
+    for sheet in record.get("compare_sheets", []):
+        result.images.append((folder / sheet, "baseline (no control) | controlled, with each image's diagnostics"))
     for entry in record["images"]:
         label = f"{entry['prompt']} (seed {entry['seed']}" + (f", {entry['setting']})" if entry.get("setting") else ")")
         if entry.get("file"):

@@ -62,11 +62,11 @@ class AppContext:
                 + [(f"{s.name} [{s.kind}, {s.heads} heads]", s.name) for s in sites]
                 + [(f"{s.name}:heads={h}", f"{s.name}:heads={h}") for s in sites for h in range(s.heads)])
 
-    def run(self, data: dict, progress: gr.Progress) -> Result:
+    def run(self, data: dict, progress: gr.Progress, compare: bool = False) -> Result:
         """Generate ``data`` through the library; library errors become a readable ``gr.Error``."""
         checks = [panel.check for panel, _ in self.panels]
         return guarded(lambda: generate(data, self.cache, self.folders, checks=checks,
-                                        on_wait=lambda text: progress(0, desc=text)))
+                                        on_wait=lambda text: progress(0, desc=text), compare=compare))
 
 
 def guarded(fn: Callable):
@@ -207,7 +207,7 @@ def build_app(model: str = "shapes", *, cache: PipelineCache | None = None, fold
 
         def on_generate(progress=gr.Progress(track_tqdm=True), **values):
             data = guarded(lambda: recipe_from_form(values, ctx.panels, ctx.default_model))
-            result = ctx.run(data, progress)
+            result = ctx.run(data, progress, compare=bool(values.get("compare")))
             return _outputs(result, _write_yaml(result.recipe_yaml, result.folder))
 
         def on_run_yaml(text: str, progress=gr.Progress(track_tqdm=True)):
@@ -282,6 +282,9 @@ def _base_form(ctx: AppContext) -> None:
             device = gr.Textbox("auto", label="Device", info="auto, cpu, cuda, cuda:N", elem_id="device")
             dtype = gr.Dropdown(["auto", "float32", "float16", "bfloat16"], value="auto", label="dtype",
                                 elem_id="dtype")
+    compare = gr.Checkbox(False, label="Compare with no controls",
+                          info="also generate each image without the controls (same prompt and seed): "
+                               "baseline | controlled sheets first among the images", elem_id="compare")
     ctx.form.update(model=ctx.model, prompt=prompt, negative_prompt=negative, seeds=seeds, steps=steps,
                     guidance_scale=guidance, width=width, height=height, scheduler=scheduler, device=device,
-                    dtype=dtype)
+                    dtype=dtype, compare=compare)

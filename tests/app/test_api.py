@@ -130,3 +130,18 @@ def test_edit_tab_returns_target_source_and_mask_side_by_side(client, tmp_path):
         api_name="/generate", **FAST)
     assert [item["caption"].split(":")[0] for item in images] == ["a red circle (seed 1)", "source"]
     assert yaml.safe_load(recipe_text)["controls"]["edit"]["image"] == str(real)
+
+
+def test_compare_puts_the_baseline_sheet_first_and_needs_a_control(client):
+    images, *_ = client.predict(prompt="a red circle", toy_dim__enabled=True, toy_dim__strength=2.0, compare=True,
+                                api_name="/generate", **FAST)
+    assert images[0]["caption"].startswith("baseline (no control) | controlled")
+    assert [item["caption"] for item in images[1:]] == ["a red circle (seed 1)"]
+    sheet = pixels(images[0]["image"])
+    assert sheet.shape[0] >= 128 and sheet.shape[1] > 2 * 128  # baseline | controlled | diagnostics
+    plain = pixels(client.predict(prompt="a red circle", api_name="/generate", **FAST)[0][0]["image"])
+    baseline_cell = np.asarray(Image.fromarray(plain).resize((128, 128), Image.NEAREST))
+    top = 30  # the sheet's title and column labels
+    assert np.array_equal(sheet[top:top + 128, :128], baseline_cell)  # the baseline is the plain image
+    with pytest.raises(AppError, match="controls: is empty"):
+        client.predict(prompt="a red circle", compare=True, api_name="/generate", **FAST)
