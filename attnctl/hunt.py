@@ -36,6 +36,7 @@ from .errors import AttnctlError, RecipeError, did_you_mean
 
 OBJECTIVES: dict[str, str] = {
     "shapes": "attnctl.hunt:ShapesObjective",
+    "shapes-graded": "attnctl.hunt:GradedShapesObjective",
     "clip": "attnctl.hunt:ClipObjective",
     "pickscore": "attnctl.hunt:PickScoreObjective",
 }
@@ -60,6 +61,29 @@ class ShapesObjective:
         for image, prompt in zip(images, prompts):
             result = match(prompt, detect(image))
             scores.append(result.n_present / max(1, len(result.expected)) + float(result.all_present))
+        return np.asarray(scores, dtype=np.float64)
+
+
+class GradedShapesObjective:
+    """The ``shapes`` score with margins, so candidates do not tie: 1 when the detector finds every named object,
+    plus the mean over the named objects of how closely the best detection in each one's colour matches its shape's
+    prototype (``attnctl.shapes.graded``, 0..1). Offline; meant for the ``shapes`` models."""
+
+    def __init__(self, argument: str | None = None):
+        if argument:
+            raise AttnctlError(f"objective 'shapes-graded' takes no argument (got {argument!r})")
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        from .shapes.detect import detect
+        from .shapes.graded import object_score
+        from .shapes.validate import match
+
+        scores = []
+        for image, prompt in zip(images, prompts):
+            dets = detect(image)
+            result = match(prompt, dets)
+            margin = np.mean([object_score(dets, c, sh) for c, sh in result.expected]) if result.expected else 0.0
+            scores.append(float(result.all_present) + float(margin))
         return np.asarray(scores, dtype=np.float64)
 
 

@@ -10,7 +10,9 @@ HELP = "greedy head search (HeadHunter) for a recipe's perturb control; writes t
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="recipe YAML with a `controls: perturb:` block (its layers = candidates)")
     parser.add_argument("--objective", default="shapes",
-                        help="shapes (ShapesBench detector score, offline), clip:MODEL[,PROCESSOR] (CLIP score of "
+                        help="shapes (ShapesBench detector score, offline), shapes-graded (the same with margins: "
+                             "how closely each object matches its shape, so heads do not tie), "
+                             "clip:MODEL[,PROCESSOR] (CLIP score of "
                              "a CLIP id or folder), pickscore[:MODEL[,PROCESSOR]] (the paper's objective), or "
                              "your own module.path:Factory[:ARGUMENT]")
     parser.add_argument("--rounds", type=int, default=2, help="greedy rounds (default 2)")

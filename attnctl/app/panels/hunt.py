@@ -34,7 +34,7 @@ class HuntPanel(Panel):
         with gr.Row():
             self.rounds = gr.Number(3, precision=0, minimum=1, label="Rounds", elem_id="hunt-rounds")
             self.top_k = gr.Number(4, precision=0, minimum=1, label="Heads kept per round", elem_id="hunt-top-k")
-            self.objective = gr.Textbox("", label="Objective (empty: shapes; or clip:MODEL, pickscore)", elem_id="hunt-objective")
+            self.objective = gr.Textbox("", label="Objective (empty: shapes; or shapes-graded, clip:MODEL, pickscore)", elem_id="hunt-objective")
         self.button = gr.Button("Search heads", elem_id="hunt-run")
         self.result = gr.Code("", language="yaml", label="Chosen heads", elem_id="hunt-result")
         return {}
