@@ -16,6 +16,7 @@ is global, so two pipelines in one process do not interfere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Iterable, Iterator
@@ -376,9 +377,22 @@ class Session:
             return
         self._wrapped_scheduler = scheduler
         if id(scheduler) not in self._scheduler_originals:  # a scheduler swapped back in is wrapped already
-            self._scheduler_originals[id(scheduler)] = scheduler.step
-            self._set_attr(scheduler, "step", self._step)
+            original = scheduler.step
+            self._scheduler_originals[id(scheduler)] = original
+            self._set_attr(scheduler, "step", self._step_with_signature_of(original))
         self._scheduler_step = self._scheduler_originals[id(scheduler)]
+
+    def _step_with_signature_of(self, original):
+        """``self._step`` dressed as ``original``: pipelines pass ``eta`` and ``generator`` only to a step whose
+        ``inspect.signature`` names them (diffusers' ``prepare_extra_step_kwargs``), so a bare ``(*args,
+        **kwargs)`` wrapper made ancestral/SDE samplers draw from the global RNG and DDIM ignore ``eta``."""
+
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            return self._step(*args, **kwargs)
+
+        step.__signature__ = inspect.signature(original)  # the bound method's: no ``self``
+        return step
 
     def uninstall(self) -> None:
         if self._call_open:

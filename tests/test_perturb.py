@@ -243,6 +243,7 @@ class Recorder:
             self.calls.append((out[0] if isinstance(out, tuple) else out.sample).clone())
             return out
 
+        @functools.wraps(step)  # pipelines pass eta/generator only to a step whose signature names them
         def record_step(model_output, *args, **kwargs):
             self.steps.append(model_output.clone())
             return step(model_output, *args, **kwargs)
