@@ -591,33 +591,43 @@ class Session:
                        delta: torch.Tensor) -> torch.Tensor:
         """Change the rows the pipeline combines so that its final noise prediction gains ``delta``.
 
-        ``delta``: one row per cond row of ``layout``. CFG forms uncond + w (cond - uncond), weights summing to
-        one. With uncond rows in this call (w = ``pipe.guidance_scale`` > 1) the uncond rows take
-        -delta / (w - 1) and the cond rows stay the model's own prediction, so whatever else the pipeline reads
-        from them (``guidance_rescale``'s std, SD3's skip-layer guidance) sees the unmodified conditional
-        prediction, as in diffusers' PAG pipelines. Without uncond rows the cond rows take delta; if the
-        pipeline then runs its uncond pass as a separate call at the same step (FLUX's true CFG, whose scale
-        the engine cannot read), that call's rows take delta too (``_carry_guidance``), so
-        neg + s (cond - neg) gains exactly delta for any s.
+        ``base``: (B, ...) the denoiser's rows; ``delta``: (n_cond, ...) one row per cond row of ``layout``. CFG
+        forms uncond + w (cond - uncond), weights summing to one, so adding delta to both the uncond and the cond
+        rows of a sample adds exactly delta for any w (w = 1.0001 included). Only where the pipeline reads the
+        cond rows again after CFG (``guidance_rescale``'s std, SD3's skip-layer guidance: ``_reads_cond``) must
+        they stay the model's own prediction, as in diffusers' PAG pipelines; then the uncond rows alone take
+        -delta / (w - 1), whose float rounding grows like w / (w - 1) (about 1e-4 relative at w = 1.0001).
+        Without uncond rows the cond rows take delta; if the pipeline then runs its uncond pass as a separate
+        call at the same step (FLUX's true CFG, whose scale the engine cannot read), that call's rows take delta
+        too (``_carry_guidance``), so neg + s (cond - neg) gains exactly delta for any s.
         """
         base = base.clone()
         cond, uncond = layout.rows("cond"), layout.rows("uncond")
         delta = delta.to(base.dtype)
-        w = float(getattr(self.pipe, "guidance_scale", 1.0))
-        if uncond and w > 1.0:
-            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-            index = [by_sample[layout.samples[r]] for r in uncond]
-            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
-            self._carry = None
-            return base
-        base[cond] = base[cond] + delta
-        if uncond:  # CFG rows present but w <= 1: the pipeline's CFG weights still sum to one
-            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-            base[uncond] = base[uncond] + delta[[by_sample[layout.samples[r]] for r in uncond]]
-            self._carry = None
-        else:
+        self._carry = None
+        if not uncond:
+            base[cond] = base[cond] + delta
             self._carry = (step.index, {layout.samples[r]: delta[i] for i, r in enumerate(cond)})
+            return base
+        by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
+        index = [by_sample[layout.samples[r]] for r in uncond]  # the cond row of each uncond row's sample
+        w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        if w > 1.0 and self._reads_cond():
+            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
+        else:
+            base[cond] = base[cond] + delta
+            base[uncond] = base[uncond] + delta[index]
         return base
+
+    def _reads_cond(self) -> bool:
+        """Whether the running pipeline call reads the cond rows again after combining CFG: a nonzero
+        ``guidance_rescale`` (SD1.x/SDXL) or SD3's skip-layer guidance (``skip_guidance_layers``)."""
+        try:
+            rescale = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
+        except (AttributeError, TypeError, ValueError):  # the property reads a per-call attribute
+            rescale = 0.0
+        skip_layers = getattr(self.pipe, "_skip_guidance_layers", None)
+        return rescale > 0.0 or bool(skip_layers)
 
     def _carry_guidance(self, out, layout: BatchLayout, step: StepInfo):
         """An uncond-only call at the step of the last guided cond call (FLUX's true CFG) gets the same delta."""

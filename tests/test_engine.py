@@ -154,10 +154,10 @@ class IdentityEverywhere(ToyGuide):
         return ()
 
 
-@pytest.mark.parametrize("cfg", [5.0, 1.0])
-def test_extra_branch_guidance_in_one_batch(cfg):
+@pytest.mark.parametrize("cfg, rescale", [(5.0, 0.0), (5.0, 0.7), (1.0, 0.0)])
+def test_extra_branch_guidance_in_one_batch(cfg, rescale):
     pipe = tiny_pipeline("sd15")
-    pipe._guidance_scale = cfg  # what the pipeline sets during a call
+    pipe._guidance_scale, pipe._guidance_rescale = cfg, rescale  # what the pipeline sets during a call
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     text = torch.randn(2, 77, 32, generator=gen)
@@ -174,10 +174,13 @@ def test_extra_branch_guidance_in_one_batch(cfg):
     assert guided.shape == plain.shape
     cond = slice(2, 4) if cfg > 1 else slice(0, 2)
     expected = plain.clone()
-    if cfg > 1:  # the uncond rows carry the guidance; the cond rows stay the model's own prediction
-        expected[:2] = plain[:2] - 2.0 / (cfg - 1) * (plain[cond] - toy[cond])
-    else:
-        expected[cond] = plain[cond] + 2.0 * (plain[cond] - toy[cond])
+    delta = 2.0 * (plain[cond] - toy[cond])
+    if rescale:  # guidance_rescale reads the cond rows: they stay the model's own prediction
+        expected[:2] = plain[:2] - delta / (cfg - 1)
+    else:  # CFG weights sum to one: both rows of a sample take delta
+        expected[cond] = plain[cond] + delta
+        if cfg > 1:
+            expected[:2] = plain[:2] + delta
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
     if cfg > 1:  # what the pipeline's CFG makes of it: eps = uncond + w (cond - uncond) + 2 (cond - toy)
         eps = guided[:2] + cfg * (guided[2:] - guided[:2])
