@@ -318,6 +318,9 @@ class Session:
             self._encode_prompt = self.pipe.encode_prompt
             self._encode_signature = inspect.signature(self._encode_prompt)
             self._set_attr(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
+        if hasattr(self.pipe, "check_inputs"):
+            self._check_inputs = self.pipe.check_inputs
+            self._set_attr(self.pipe, "check_inputs", _dressed_as(self._check_inputs, self._wrapped_check_inputs))
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self._free_hooks = self.pipe.maybe_free_model_hooks
             self._set_attr(self.pipe, "maybe_free_model_hooks", self._wrapped_free_hooks)
@@ -379,20 +382,11 @@ class Session:
         if id(scheduler) not in self._scheduler_originals:  # a scheduler swapped back in is wrapped already
             original = scheduler.step
             self._scheduler_originals[id(scheduler)] = original
-            self._set_attr(scheduler, "step", self._step_with_signature_of(original))
+            # Pipelines pass ``eta`` and ``generator`` only to a step whose ``inspect.signature`` names them
+            # (diffusers' ``prepare_extra_step_kwargs``): a bare (*args, **kwargs) wrapper made ancestral/SDE
+            # samplers draw from the global RNG and DDIM ignore ``eta``.
+            self._set_attr(scheduler, "step", _dressed_as(original, self._step))
         self._scheduler_step = self._scheduler_originals[id(scheduler)]
-
-    def _step_with_signature_of(self, original):
-        """``self._step`` dressed as ``original``: pipelines pass ``eta`` and ``generator`` only to a step whose
-        ``inspect.signature`` names them (diffusers' ``prepare_extra_step_kwargs``), so a bare ``(*args,
-        **kwargs)`` wrapper made ancestral/SDE samplers draw from the global RNG and DDIM ignore ``eta``."""
-
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            return self._step(*args, **kwargs)
-
-        step.__signature__ = inspect.signature(original)  # the bound method's: no ``self``
-        return step
 
     def uninstall(self) -> None:
         if self._call_open:
@@ -440,6 +434,27 @@ class Session:
             if diagnostics:
                 record["controls"][control.name] = diagnostics
         self.runs.append(record)
+
+    def _wrapped_check_inputs(self, *args, **kwargs):
+        """A pipeline call begins (every supported pipeline checks its inputs before encoding its prompt). A call
+        an earlier one left open is closed here: recorded if it reached the denoiser, dropped if it failed
+        before (a bad argument after ``encode_prompt``), so its prompts and token positions cannot leak into
+        this call (``encode_prompt`` only starts a call when none is open, since FLUX's true CFG encodes twice)."""
+        if self._call_open:
+            if self._denoised_in_call:
+                self._end_call()
+            else:
+                self._drop_call()
+        return self._check_inputs(*args, **kwargs)
+
+    def _drop_call(self) -> None:
+        """Forget a call that never reached the denoiser: no run record, no prompts, no pending updates."""
+        self._call_open = False
+        self.prompts = None
+        self.images_per_prompt = 1
+        self._token_cache.clear()
+        self._pending = None
+        self._carry = None
 
     def _wrapped_encode_prompt(self, *args, **kwargs):
         arguments = self._encode_signature.bind_partial(*args, **kwargs).arguments
@@ -695,6 +710,18 @@ class Session:
             control.on_attention(call)
         call.heads = None
         return call
+
+
+def _dressed_as(original, fn):
+    """A function calling ``fn`` that looks like ``original`` to ``inspect.signature`` (and carries its name and
+    docstring): pipelines decide which arguments to pass by reading the signature of what they call."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(original)  # a bound method's: no ``self``
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ def _state(pipe):
         "forward": denoiser.__dict__.get("forward"),
         "step": pipe.scheduler.__dict__.get("step"),
         "encode": pipe.__dict__.get("encode_prompt"),
+        "check": pipe.__dict__.get("check_inputs"),
         "marker": getattr(denoiser, "_attnctl_session", None),
     }
 
@@ -413,3 +414,43 @@ def test_extra_rows_run_from_the_start_with_controlnet_residuals():
                                        mid_block_additional_residual=mid).sample
         assert session._joined_at is None
     torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
+
+
+# -- a call that fails before denoising leaves nothing behind ----------------------------------------------------
+def _prompt_controls(kind):
+    from attnctl.controls.excite import Excite
+    from attnctl.controls.maps import Maps
+    from attnctl.controls.regions import Regions
+
+    return {
+        "maps": lambda: Maps(words=["circle", "red"]),
+        "excite": lambda: Excite(subjects=["circle"], thresholds={}, scale_factor=200.0),
+        "regions": lambda: Regions(regions=[{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]}], mode="hard",
+                                   window={"start": 0, "stop": 1}),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["maps", "excite", "regions"])
+def test_a_call_that_failed_before_denoising_leaves_no_stale_prompt(kind):
+    """The first call encodes its prompt (token positions of "circle" at 9-10) and then fails on a bad argument
+    (DDIM takes no custom ``timesteps``) before the denoising loop; the next call, with another prompt, must give
+    what a fresh session gives: same latents, same maps, same diagnostics."""
+    pipe = tiny_pipeline("sd15")
+    stale, good = "a small blue square and a big red circle", "a red circle"
+    with apply(pipe, _prompt_controls(kind)) as fresh:
+        expected = pipe(good, **tiny_call_kwargs("sd15")).images
+    expected_run = fresh.last_run()["controls"]
+    control = _prompt_controls(kind)
+    with apply(pipe, control) as session:
+        with pytest.raises(ValueError, match="custom timestep"):
+            pipe(stale, **tiny_call_kwargs("sd15", timesteps=[900, 500, 100]))
+        ours = pipe(good, **tiny_call_kwargs("sd15")).images
+    assert torch.equal(ours, expected), f"max abs difference {(ours - expected).abs().max().item():.3g}"
+    assert session.prompts == [good]
+    assert session.last_run()["controls"].keys() == expected_run.keys()
+    if kind == "maps":
+        fresh_maps = _prompt_controls("maps")
+        with apply(pipe, fresh_maps):
+            pipe(good, **tiny_call_kwargs("sd15"))
+        for word in ("circle", "red"):
+            torch.testing.assert_close(control.maps[word], fresh_maps.maps[word], atol=0, rtol=0)
