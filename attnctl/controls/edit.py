@@ -199,13 +199,7 @@ class Edit(Control):
         prompts = session.prompts
         if not prompts:
             raise ControlError("edit needs the prompt text: call the pipeline with [source, target] prompts")
-        n = len(prompts) * session.images_per_prompt
-        if opts.pairs == "first":
-            self._pairs = [(0, t) for t in range(1, n)]
-        else:
-            if n % 2:
-                raise ControlError(f"edit pairs 'pairs' needs an even number of samples (source, target, ...), got {n}")
-            self._pairs = [(2 * i, 2 * i + 1) for i in range(n // 2)]
+        self._pairs = _sample_pairs(opts.pairs, len(prompts), session.images_per_prompt)
         if not self._pairs:
             raise ControlError("edit needs at least two prompts: [source, target]")
         self._source_of = {t: s for s, t in self._pairs}
@@ -461,6 +455,20 @@ class Edit(Control):
         return {"pairs": [list(p) for p in getattr(self, "_pairs", [])],
                 "mask_fraction": {str(t): round(float(m.mean()), 4) for t, m in self.masks.items()},
                 "blend_words": {str(k): v for k, v in getattr(self, "_blend_words", {}).items()}}
+
+
+def _sample_pairs(pairs: str, n_prompts: int, per_prompt: int) -> list[tuple[int, int]]:
+    """(source sample, target sample) pairs. Samples are prompt-major (prompt p's image i is sample
+    p * per_prompt + i), and image i of a target prompt is paired with image i of its source prompt: with
+    ``num_images_per_prompt`` > 1 the source's second image is a second source, never a target."""
+    if pairs == "first":
+        prompt_pairs = [(0, p) for p in range(1, n_prompts)]
+    else:
+        if n_prompts % 2:
+            raise ControlError(f"edit: pairs = 'pairs' needs an even number of prompts (source, target, ...), "
+                               f"got {n_prompts}")
+        prompt_pairs = [(2 * j, 2 * j + 1) for j in range(n_prompts // 2)]
+    return [(s * per_prompt + i, t * per_prompt + i) for s, t in prompt_pairs for i in range(per_prompt)]
 
 
 def _bias_rows(bias: torch.Tensor, row: int, queries: torch.Tensor, dtype) -> torch.Tensor:
