@@ -320,14 +320,15 @@ class Edit(Control):
         scale = 1.0 / math.sqrt(q.shape[-1])
         text, image = call.text, call.image
         n_text = text.stop - text.start
+        like = {"device": q.device, "dtype": q.dtype}  # alignments are built (and cached) on the CPU in float64
         out = out.clone()
         for rs, rt, s, t in pairs:
             align = self._alignment(call.session, s, t, n_text)
-            matrix = align.matrix.to(q.dtype)
-            own = align.own.to(q.dtype)
+            matrix = align.matrix.to(**like)  # (n_text source, n_text target)
+            own = align.own.to(**like)  # (n_text,) target tokens that keep their own map
             equalizer = None
             if reweight:
-                equalizer = torch.ones(n_text, dtype=q.dtype)
+                equalizer = torch.ones(n_text, **like)  # (n_text,) per target token
                 for word, w in self.options.reweight.items():
                     for p in call.session.text_positions(t, word):
                         equalizer[p] = w
@@ -336,13 +337,14 @@ class Edit(Control):
                 if not keys or (group == "text" and text.stop - text.start == 0):
                     continue
                 if group == "image":
-                    rows_t = torch.arange(image.start, image.stop)
+                    rows_t = torch.arange(image.start, image.stop, device=q.device)
                     rows_s = rows_t
                 else:  # text queries: target token j reads the source token it is aligned to (one to one)
                     best = align.matrix.argmax(dim=0)
                     mapped = [j for j in range(n_text) if align.matrix[best[j], j] > 0]
-                    rows_t = torch.tensor([text.start + j for j in mapped], dtype=torch.long)
-                    rows_s = torch.tensor([text.start + int(best[j]) for j in mapped], dtype=torch.long)
+                    rows_t = torch.tensor([text.start + j for j in mapped], dtype=torch.long, device=q.device)
+                    rows_s = torch.tensor([text.start + int(best[j]) for j in mapped], dtype=torch.long,
+                                          device=q.device)
                 for lo in range(0, len(rows_t), 1024):
                     qt, qs = q[rt][:, rows_t[lo:lo + 1024]], q[rs][:, rows_s[lo:lo + 1024]]
                     logits_t = qt @ k[rt].transpose(-1, -2) * scale
@@ -474,7 +476,7 @@ def _sample_pairs(pairs: str, n_prompts: int, per_prompt: int) -> list[tuple[int
 def _bias_rows(bias: torch.Tensor, row: int, queries: torch.Tensor, dtype) -> torch.Tensor:
     """Batch row ``row`` and query rows ``queries`` of a bias broadcastable to (B, H, Sq, Sk)."""
     if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape, dtype=dtype).masked_fill(~bias, float("-inf"))
+        bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
     while bias.ndim < 4:
         bias = bias.unsqueeze(0)
     bias = bias[row] if bias.shape[0] > 1 else bias[0]
