@@ -135,7 +135,11 @@ class AttentionCall:
 
     def perturb(self, u: torch.Tensor, mode: str = "full") -> None:
         """Move each (row, head) map towards identity by ``u`` (B, H) in [0, 1]. Strengths from several controls
-        combine by maximum."""
+        combine by maximum; they must agree on ``mode`` (one attention computation has one mode)."""
+        if self.u is not None and mode != self.mode:
+            raise ControlError(f"{self.site.name}: two controls perturb this attention layer, with perturb mode "
+                               f"{mode!r} and {self.mode!r}; one layer takes one mode (allowed: 'full' or 'image'), "
+                               "so give the controls the same mode or disjoint layers")
         self.u = u if self.u is None else torch.maximum(self.u, u)
         self.mode = mode
 
@@ -419,6 +423,7 @@ class Session:
         self._call_open, self._denoised_in_call = True, False
         self._last_step = None
         self._joined_at = None
+        self._clock_key = None  # rebuilt from this call's timesteps (a reused tensor can keep its id and length)
         self._wrap_scheduler()
         self._call_started_at = time.perf_counter()
         for control in self.controls:
@@ -675,11 +680,7 @@ class Session:
         if self._pending is not None:
             delta = self._pending[1]
             self._pending = None
-            if "sample" in kwargs:
-                if kwargs["sample"].shape[0] == delta.shape[0]:
-                    kwargs["sample"] = kwargs["sample"] + delta.to(kwargs["sample"].dtype)
-            elif len(args) >= 3 and args[2].shape[0] == delta.shape[0]:
-                args = args[:2] + (args[2] + delta.to(args[2].dtype),) + args[3:]
+            args, kwargs = self._add_to_sample(args, kwargs, delta)
         result = self._scheduler_step(*args, **kwargs)
         if self._last_step is None:
             return result
@@ -696,6 +697,29 @@ class Session:
             return (sample,) + tuple(result[1:])
         result.prev_sample = sample
         return result
+
+    @staticmethod
+    def _add_to_sample(args: tuple, kwargs: dict, delta: torch.Tensor) -> tuple[tuple, dict]:
+        """``scheduler.step``'s arguments with ``delta`` (n_samples, ...) added to its ``sample`` (the latents,
+        third positional argument or keyword). A latent update that cannot land is an error: dropping it would
+        let the denoiser see updated latents while the scheduler steps from the old ones."""
+        if "sample" in kwargs:
+            sample = kwargs["sample"]
+        elif len(args) >= 3:
+            sample = args[2]
+        else:
+            raise ControlError("scheduler.step: no `sample` argument (latents) to add the pending latent update "
+                               f"of {delta.shape[0]} samples to; pass the latents as `sample`")
+        if not isinstance(sample, torch.Tensor) or sample.shape != delta.shape:
+            got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+            raise ControlError(f"scheduler.step: sample has {got[0] if isinstance(got, tuple) else got} rows "
+                               f"(shape {got}), but the pending latent update has {delta.shape[0]} samples (shape "
+                               f"{tuple(delta.shape)}); the latents stepped must be those the denoiser's cond rows "
+                               "came from, one row per sample")
+        sample = sample + delta.to(sample.dtype)
+        if "sample" in kwargs:
+            return args, {**kwargs, "sample": sample}
+        return args[:2] + (sample,) + args[3:], kwargs
 
     # -- called by processors ------------------------------------------------------------------------
     def attention_call(self, site: Site, q, k, v, *, text: slice | None, image: slice, bias=None):

@@ -20,7 +20,8 @@ from attnctl.testing import tiny_call_kwargs, tiny_pipeline
 PAIR = ["a red circle and a blue square", "a red circle and a green square"]  # edits: one word differs
 TWO = ["a red circle and a blue square", "a blue square and a red circle"]  # regions: both phrases in both
 WINDOW = {"start": 0.0, "stop": 1.0}
-REGIONS = [{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]}, {"phrase": "blue square", "box": [0.5, 0.0, 1.0, 1.0]}]
+REGIONS = [{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]},
+           {"phrase": "blue square", "box": [0.5, 0.0, 1.0, 1.0]}]
 
 # Ops that may take a CPU index into a tensor of another device (as CUDA allows), or move tensors between devices.
 _INDEXING = {"__getitem__", "__setitem__", "to", "cpu", "cuda", "copy_", "new_tensor"}

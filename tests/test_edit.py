@@ -274,3 +274,16 @@ def test_images_per_prompt_with_pairs_of_prompts():
     with pytest.raises(ControlError, match=r"pairs = 'pairs'.*even number of prompts.*got 3"):
         with apply(pipe, Edit(pairs="pairs")):
             pipe(prompts[:3], **tiny_call_kwargs("sd15", steps=1, num_images_per_prompt=2))
+
+
+@pytest.mark.parametrize("field, options", [
+    ("cross.layers", {"cross": {"layers": ["down_blocks.1:heads=0"]}}),
+    ("self_attention.layers", {"self_attention": {"layers": ["mid_block:heads=1,2"]}}),
+    ("blend.layers", {"blend": {"layers": ["up_blocks.1:heads=0"]}}),
+])
+def test_heads_in_edit_selectors_are_an_error(field, options):
+    """Edits act on every head of a layer: a ``:heads=`` part used to be ignored silently."""
+    pipe = tiny_pipeline("sd15")
+    with pytest.raises(ControlError, match=rf"{field}.*:heads=.*every head"):
+        with apply(pipe, Edit(options)):
+            pass

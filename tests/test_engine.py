@@ -454,3 +454,105 @@ def test_a_call_that_failed_before_denoising_leaves_no_stale_prompt(kind):
             pipe(good, **tiny_call_kwargs("sd15"))
         for word in ("circle", "red"):
             torch.testing.assert_close(control.maps[word], fresh_maps.maps[word], atol=0, rtol=0)
+
+
+# -- no silent fallbacks -----------------------------------------------------------------------------------------
+def test_a_latent_update_that_cannot_reach_the_latents_is_an_error():
+    """A pending latent update (2 samples) meets a ``scheduler.step`` whose sample has 1 row: the update used to
+    be dropped silently; it is an error naming the argument and both batch sizes."""
+    from attnctl.errors import AttnctlError
+
+    pipe = tiny_pipeline("sd15")
+    pipe.scheduler.set_timesteps(3)
+    t = pipe.scheduler.timesteps[0]
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with apply(pipe, Shift(torch.full((1, 4, 16, 16), 0.1))):
+        noise = pipe.unet(x, t, encoder_hidden_states=text).sample  # 2 cond rows: a pending update of 2 samples
+        with pytest.raises(AttnctlError, match=r"scheduler\.step: sample has 1 rows.*latent update.*2 samples"):
+            pipe.scheduler.step(noise[:1], t, x[:1])
+        pipe.unet(x, t, encoder_hidden_states=text)
+        with pytest.raises(AttnctlError, match=r"scheduler\.step: no `sample` argument.*latent update"):
+            pipe.scheduler.step(noise, t)
+
+
+class InPlaceDDIM:
+    """Makes a DDIM scheduler refill one timesteps buffer on every ``set_timesteps`` (as a scheduler prepared
+    for CUDA graphs would): the tensor object, hence its ``id``, is the same in every call."""
+
+    @staticmethod
+    def make(config):
+        from diffusers import DDIMScheduler
+
+        class Scheduler(DDIMScheduler):
+            def set_timesteps(self, *args, **kwargs):
+                buffer = getattr(self, "_buffer", None)
+                super().set_timesteps(*args, **kwargs)
+                if buffer is not None and buffer.shape == self.timesteps.shape:
+                    buffer.copy_(self.timesteps)
+                    self.timesteps = buffer
+                self._buffer = self.timesteps
+
+        return Scheduler.from_config(config)
+
+
+class Clock(Control):
+    name = "clock"
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def bind(self, session):
+        return {}
+
+    def wants_latent_update(self, step):
+        self.steps.append((step.index, step.timestep))
+        return False
+
+
+def test_the_step_clock_is_rebuilt_for_every_call():
+    """Two calls with the same timesteps tensor object (same id, same length) but other values: the second
+    call's steps are 0, 1, 2 at its own timesteps (a clock keyed on id(timesteps) kept the first call's)."""
+    pipe = tiny_pipeline("sd15")
+    pipe.scheduler = InPlaceDDIM.make(pipe.scheduler.config)
+    clock = Clock()
+    with apply(pipe, clock):
+        pipe("a red circle", **tiny_call_kwargs("sd15"))
+        first = pipe.scheduler.timesteps
+        pipe.scheduler.register_to_config(timestep_spacing="trailing")
+        clock.steps.clear()
+        pipe("a red circle", **tiny_call_kwargs("sd15"))
+    assert pipe.scheduler.timesteps is first  # the case under test: one tensor object for both calls
+    assert clock.steps == [(i, float(t)) for i, t in enumerate(pipe.scheduler.timesteps)]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["at-bind", "custom-control"])
+def test_perturb_controls_that_disagree_on_mode_are_an_error(late):
+    """Two perturbations at one site with different modes: the last control's mode used to win silently."""
+    from attnctl.controls.perturb import Perturb
+    from attnctl.errors import ControlError
+
+    pipe = tiny_pipeline("sd3")
+    site = "transformer_blocks.1.attn"
+    if not late:
+        controls = [Perturb(layers=[site], mode="full"), Perturb(layers=[site], mode="image", branch="other")]
+        with pytest.raises(ControlError, match=r"mode = 'full' and mode = 'image' at transformer_blocks\.1\.attn"):
+            with apply(pipe, controls):
+                pass
+        return
+
+    class ImageMode(Control):  # a custom control perturbing the same rows in the other mode
+        name = "image-mode"
+
+        def bind(self, session):
+            return {site: None}
+
+        def on_attention(self, call):
+            if call.layout.has("perturb"):
+                call.perturb(torch.ones(call.q.shape[0], call.q.shape[1]), mode="image")
+
+    message = r"transformer_blocks\.1\.attn: two controls .* perturb mode 'image' and 'full'"
+    with pytest.raises(ControlError, match=message):
+        with apply(pipe, [Perturb(layers=[site], mode="full"), ImageMode()]):
+            pipe("a red circle", **tiny_call_kwargs("sd3", steps=1))

@@ -352,7 +352,8 @@ def test_guidance_formula_is_exact_near_guidance_one(family):
     assert worst <= 1e-5, f"max abs difference {worst:.3g}"
 
 
-@pytest.mark.parametrize("family, layers", [("sd15", [SD15_MID]), ("sdxl", ["mid_block.attentions.0.transformer_blocks.1.attn1"])])
+@pytest.mark.parametrize("family, layers", [("sd15", [SD15_MID]),
+                                            ("sdxl", ["mid_block.attentions.0.transformer_blocks.1.attn1"])])
 def test_layer_pag_matches_diffusers_near_guidance_one(family, layers):
     pipe = tiny_pipeline(family)
     kwargs = lambda: tiny_call_kwargs(family, guidance_scale=NEAR_ONE)  # noqa: E731

@@ -28,7 +28,7 @@ latent, see ``attnctl.editing``). Inside the windows below the target row takes 
   thresholded (0.3, as P2P and Shin et al.), source and target unioned;
   or a user mask (``mask``: an image path, white = editable; or an array passed as ``Edit(..., mask=array)``).
 
-Layer selectors choose whole layers (a ``:heads=`` part is ignored: edits act on every head).
+Layer selectors choose whole layers: edits act on every head, so a ``:heads=`` part is an error.
 Only the rows of ``branches`` (default the conditional rows, as P2P) are coupled; the source rows are never
 changed. Masks per target sample are kept in ``masks`` ({sample: (h, w) float tensor in [0, 1]}).
 """
@@ -165,9 +165,10 @@ class Edit(Control):
         opts, sites = self.options, session.sites
         kinds = {s.kind for s in sites}
 
-        def chosen(layers, allowed, default_kinds=None):
+        def chosen(layers, allowed, default_kinds=None, field=""):
             if layers is None:
                 return {s.name for s in sites if s.kind in (default_kinds or allowed)}
+            _whole_layers(field, layers, sites, allowed)
             return set(select(sites, layers, kinds=allowed))
 
         cross_kinds = ("cross",) if "cross" in kinds else ("joint", "single")
@@ -175,12 +176,12 @@ class Edit(Control):
         if self._cross_window is None:
             on = "cross" in kinds or opts.kind == "reweight" or bool(opts.reweight)
             self._cross_window = StepWindow(start=0.0, stop=0.8 if on else 0.0)
-        self._cross = chosen(opts.cross.layers, ("cross", "joint", "single"), cross_kinds)
-        self._self = chosen(opts.self_attention.layers, ("self",))
-        self._joint = chosen(opts.joint.layers, ("joint", "single"))
+        self._cross = chosen(opts.cross.layers, ("cross", "joint", "single"), cross_kinds, "cross.layers")
+        self._self = chosen(opts.self_attention.layers, ("self",), field="self_attention.layers")
+        self._joint = chosen(opts.joint.layers, ("joint", "single"), field="joint.layers")
         self._blend_sites = set()
         if opts.blend is not None and self.user_mask is None:
-            self._blend_sites = chosen(opts.blend.layers, ("cross", "joint", "single"))
+            self._blend_sites = chosen(opts.blend.layers, ("cross", "joint", "single"), field="blend.layers")
         if (opts.kind == "reweight" or opts.reweight) and not self._cross:
             raise ControlError("reweighting acts on cross-attention maps, but no layer with text tokens is selected "
                                "(cross.layers)")
@@ -457,6 +458,15 @@ class Edit(Control):
         return {"pairs": [list(p) for p in getattr(self, "_pairs", [])],
                 "mask_fraction": {str(t): round(float(m.mean()), 4) for t, m in self.masks.items()},
                 "blend_words": {str(k): v for k, v in getattr(self, "_blend_words", {}).items()}}
+
+
+def _whole_layers(field: str, layers: list[str], sites, kinds) -> None:
+    """Edits copy and replace whole attention computations, every head at once: a selector naming heads would
+    be ignored, so it is an error naming the option and the selector."""
+    for text in layers:
+        if any(heads is not None for heads in select(sites, [text], kinds=kinds).values()):
+            raise ControlError(f"{field}: {text!r} names heads (':heads='), but edits act on every head of a layer; "
+                               f"give the layer alone, e.g. {text.split(':heads=')[0]!r}")
 
 
 def _sample_pairs(pairs: str, n_prompts: int, per_prompt: int) -> list[tuple[int, int]]:
