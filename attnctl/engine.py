@@ -16,6 +16,7 @@ is global, so two pipelines in one process do not interfere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Iterable, Iterator
@@ -134,7 +135,11 @@ class AttentionCall:
 
     def perturb(self, u: torch.Tensor, mode: str = "full") -> None:
         """Move each (row, head) map towards identity by ``u`` (B, H) in [0, 1]. Strengths from several controls
-        combine by maximum."""
+        combine by maximum; they must agree on ``mode`` (one attention computation has one mode)."""
+        if self.u is not None and mode != self.mode:
+            raise ControlError(f"{self.site.name}: two controls perturb this attention layer, with perturb mode "
+                               f"{mode!r} and {self.mode!r}; one layer takes one mode (allowed: 'full' or 'image'), "
+                               "so give the controls the same mode or disjoint layers")
         self.u = u if self.u is None else torch.maximum(self.u, u)
         self.mode = mode
 
@@ -317,6 +322,9 @@ class Session:
             self._encode_prompt = self.pipe.encode_prompt
             self._encode_signature = inspect.signature(self._encode_prompt)
             self._set_attr(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
+        if hasattr(self.pipe, "check_inputs"):
+            self._check_inputs = self.pipe.check_inputs
+            self._set_attr(self.pipe, "check_inputs", _dressed_as(self._check_inputs, self._wrapped_check_inputs))
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self._free_hooks = self.pipe.maybe_free_model_hooks
             self._set_attr(self.pipe, "maybe_free_model_hooks", self._wrapped_free_hooks)
@@ -376,8 +384,12 @@ class Session:
             return
         self._wrapped_scheduler = scheduler
         if id(scheduler) not in self._scheduler_originals:  # a scheduler swapped back in is wrapped already
-            self._scheduler_originals[id(scheduler)] = scheduler.step
-            self._set_attr(scheduler, "step", self._step)
+            original = scheduler.step
+            self._scheduler_originals[id(scheduler)] = original
+            # Pipelines pass ``eta`` and ``generator`` only to a step whose ``inspect.signature`` names them
+            # (diffusers' ``prepare_extra_step_kwargs``): a bare (*args, **kwargs) wrapper made ancestral/SDE
+            # samplers draw from the global RNG and DDIM ignore ``eta``.
+            self._set_attr(scheduler, "step", _dressed_as(original, self._step))
         self._scheduler_step = self._scheduler_originals[id(scheduler)]
 
     def uninstall(self) -> None:
@@ -411,6 +423,7 @@ class Session:
         self._call_open, self._denoised_in_call = True, False
         self._last_step = None
         self._joined_at = None
+        self._clock_key = None  # rebuilt from this call's timesteps (a reused tensor can keep its id and length)
         self._wrap_scheduler()
         self._call_started_at = time.perf_counter()
         for control in self.controls:
@@ -426,6 +439,27 @@ class Session:
             if diagnostics:
                 record["controls"][control.name] = diagnostics
         self.runs.append(record)
+
+    def _wrapped_check_inputs(self, *args, **kwargs):
+        """A pipeline call begins (every supported pipeline checks its inputs before encoding its prompt). A call
+        an earlier one left open is closed here: recorded if it reached the denoiser, dropped if it failed
+        before (a bad argument after ``encode_prompt``), so its prompts and token positions cannot leak into
+        this call (``encode_prompt`` only starts a call when none is open, since FLUX's true CFG encodes twice)."""
+        if self._call_open:
+            if self._denoised_in_call:
+                self._end_call()
+            else:
+                self._drop_call()
+        return self._check_inputs(*args, **kwargs)
+
+    def _drop_call(self) -> None:
+        """Forget a call that never reached the denoiser: no run record, no prompts, no pending updates."""
+        self._call_open = False
+        self.prompts = None
+        self.images_per_prompt = 1
+        self._token_cache.clear()
+        self._pending = None
+        self._carry = None
 
     def _wrapped_encode_prompt(self, *args, **kwargs):
         arguments = self._encode_signature.bind_partial(*args, **kwargs).arguments
@@ -577,33 +611,43 @@ class Session:
                        delta: torch.Tensor) -> torch.Tensor:
         """Change the rows the pipeline combines so that its final noise prediction gains ``delta``.
 
-        ``delta``: one row per cond row of ``layout``. CFG forms uncond + w (cond - uncond), weights summing to
-        one. With uncond rows in this call (w = ``pipe.guidance_scale`` > 1) the uncond rows take
-        -delta / (w - 1) and the cond rows stay the model's own prediction, so whatever else the pipeline reads
-        from them (``guidance_rescale``'s std, SD3's skip-layer guidance) sees the unmodified conditional
-        prediction, as in diffusers' PAG pipelines. Without uncond rows the cond rows take delta; if the
-        pipeline then runs its uncond pass as a separate call at the same step (FLUX's true CFG, whose scale
-        the engine cannot read), that call's rows take delta too (``_carry_guidance``), so
-        neg + s (cond - neg) gains exactly delta for any s.
+        ``base``: (B, ...) the denoiser's rows; ``delta``: (n_cond, ...) one row per cond row of ``layout``. CFG
+        forms uncond + w (cond - uncond), weights summing to one, so adding delta to both the uncond and the cond
+        rows of a sample adds exactly delta for any w (w = 1.0001 included). Only where the pipeline reads the
+        cond rows again after CFG (``guidance_rescale``'s std, SD3's skip-layer guidance: ``_reads_cond``) must
+        they stay the model's own prediction, as in diffusers' PAG pipelines; then the uncond rows alone take
+        -delta / (w - 1), whose float rounding grows like w / (w - 1) (about 1e-4 relative at w = 1.0001).
+        Without uncond rows the cond rows take delta; if the pipeline then runs its uncond pass as a separate
+        call at the same step (FLUX's true CFG, whose scale the engine cannot read), that call's rows take delta
+        too (``_carry_guidance``), so neg + s (cond - neg) gains exactly delta for any s.
         """
         base = base.clone()
         cond, uncond = layout.rows("cond"), layout.rows("uncond")
         delta = delta.to(base.dtype)
-        w = float(getattr(self.pipe, "guidance_scale", 1.0))
-        if uncond and w > 1.0:
-            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-            index = [by_sample[layout.samples[r]] for r in uncond]
-            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
-            self._carry = None
-            return base
-        base[cond] = base[cond] + delta
-        if uncond:  # CFG rows present but w <= 1: the pipeline's CFG weights still sum to one
-            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-            base[uncond] = base[uncond] + delta[[by_sample[layout.samples[r]] for r in uncond]]
-            self._carry = None
-        else:
+        self._carry = None
+        if not uncond:
+            base[cond] = base[cond] + delta
             self._carry = (step.index, {layout.samples[r]: delta[i] for i, r in enumerate(cond)})
+            return base
+        by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
+        index = [by_sample[layout.samples[r]] for r in uncond]  # the cond row of each uncond row's sample
+        w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        if w > 1.0 and self._reads_cond():
+            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
+        else:
+            base[cond] = base[cond] + delta
+            base[uncond] = base[uncond] + delta[index]
         return base
+
+    def _reads_cond(self) -> bool:
+        """Whether the running pipeline call reads the cond rows again after combining CFG: a nonzero
+        ``guidance_rescale`` (SD1.x/SDXL) or SD3's skip-layer guidance (``skip_guidance_layers``)."""
+        try:
+            rescale = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
+        except (AttributeError, TypeError, ValueError):  # the property reads a per-call attribute
+            rescale = 0.0
+        skip_layers = getattr(self.pipe, "_skip_guidance_layers", None)
+        return rescale > 0.0 or bool(skip_layers)
 
     def _carry_guidance(self, out, layout: BatchLayout, step: StepInfo):
         """An uncond-only call at the step of the last guided cond call (FLUX's true CFG) gets the same delta."""
@@ -636,11 +680,7 @@ class Session:
         if self._pending is not None:
             delta = self._pending[1]
             self._pending = None
-            if "sample" in kwargs:
-                if kwargs["sample"].shape[0] == delta.shape[0]:
-                    kwargs["sample"] = kwargs["sample"] + delta.to(kwargs["sample"].dtype)
-            elif len(args) >= 3 and args[2].shape[0] == delta.shape[0]:
-                args = args[:2] + (args[2] + delta.to(args[2].dtype),) + args[3:]
+            args, kwargs = self._add_to_sample(args, kwargs, delta)
         result = self._scheduler_step(*args, **kwargs)
         if self._last_step is None:
             return result
@@ -658,6 +698,29 @@ class Session:
         result.prev_sample = sample
         return result
 
+    @staticmethod
+    def _add_to_sample(args: tuple, kwargs: dict, delta: torch.Tensor) -> tuple[tuple, dict]:
+        """``scheduler.step``'s arguments with ``delta`` (n_samples, ...) added to its ``sample`` (the latents,
+        third positional argument or keyword). A latent update that cannot land is an error: dropping it would
+        let the denoiser see updated latents while the scheduler steps from the old ones."""
+        if "sample" in kwargs:
+            sample = kwargs["sample"]
+        elif len(args) >= 3:
+            sample = args[2]
+        else:
+            raise ControlError("scheduler.step: no `sample` argument (latents) to add the pending latent update "
+                               f"of {delta.shape[0]} samples to; pass the latents as `sample`")
+        if not isinstance(sample, torch.Tensor) or sample.shape != delta.shape:
+            got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+            raise ControlError(f"scheduler.step: sample has {got[0] if isinstance(got, tuple) else got} rows "
+                               f"(shape {got}), but the pending latent update has {delta.shape[0]} samples (shape "
+                               f"{tuple(delta.shape)}); the latents stepped must be those the denoiser's cond rows "
+                               "came from, one row per sample")
+        sample = sample + delta.to(sample.dtype)
+        if "sample" in kwargs:
+            return args, {**kwargs, "sample": sample}
+        return args[:2] + (sample,) + args[3:], kwargs
+
     # -- called by processors ------------------------------------------------------------------------
     def attention_call(self, site: Site, q, k, v, *, text: slice | None, image: slice, bias=None):
         """An ``AttentionCall`` after the site's controls edited it, or None when no control hooks this site."""
@@ -671,6 +734,18 @@ class Session:
             control.on_attention(call)
         call.heads = None
         return call
+
+
+def _dressed_as(original, fn):
+    """A function calling ``fn`` that looks like ``original`` to ``inspect.signature`` (and carries its name and
+    docstring): pipelines decide which arguments to pass by reading the signature of what they call."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(original)  # a bound method's: no ``self``
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -241,3 +241,49 @@ def test_builtin_edits_change_exactly_one_attribute():
     for source, target in edits:
         changed = [a != b for a, b in zip(source.split(), target.split())]
         assert sum(changed) == 1, (source, target)
+
+
+# -- several images per prompt -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_images_per_prompt_pair_image_i_of_the_source_with_image_i_of_each_target(family):
+    """``[source, target]`` with ``num_images_per_prompt=2`` is two edits: samples are prompt-major (0, 1 the
+    source's images, 2, 3 the target's), so the pairs are (0, 2) and (1, 3). Each image equals the same edit run
+    alone with its seed (float32 batch blocking only), and the source images are never changed."""
+    pipe = tiny_pipeline(family)
+    seeds = lambda *s: [torch.Generator().manual_seed(i) for i in s]  # noqa: E731
+    kwargs = lambda gens, **extra: tiny_call_kwargs(family, generator=gens, **extra)  # noqa: E731
+    plain = pipe(PAIR, **kwargs(seeds(0, 1, 0, 1), num_images_per_prompt=2)).images
+    control = Edit()
+    with apply(pipe, control) as session:
+        both = pipe(PAIR, **kwargs(seeds(0, 1, 0, 1), num_images_per_prompt=2)).images
+        assert session.last_run()["controls"]["edit"]["pairs"] == [[0, 2], [1, 3]]
+        alone = [pipe(PAIR, **kwargs(seeds(i, i))).images for i in (0, 1)]
+    assert torch.equal(both[:2], plain[:2])  # the source rows are never changed
+    assert (both[2:] - plain[2:]).abs().max() > 1e-3
+    worst = max((both[[i, 2 + i]] - alone[i]).abs().max().item() for i in (0, 1))
+    assert worst <= 1e-4, f"max abs difference {worst:.3g}"
+
+
+def test_images_per_prompt_with_pairs_of_prompts():
+    pipe = tiny_pipeline("sd15")
+    prompts = ["a red circle", "a blue circle", "a red square", "a green square"]
+    gens = [torch.Generator().manual_seed(i % 2) for i in range(8)]
+    with apply(pipe, Edit(pairs="pairs")) as session:
+        pipe(prompts, **tiny_call_kwargs("sd15", steps=1, generator=gens, num_images_per_prompt=2))
+    assert session.last_run()["controls"]["edit"]["pairs"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    with pytest.raises(ControlError, match=r"pairs = 'pairs'.*even number of prompts.*got 3"):
+        with apply(pipe, Edit(pairs="pairs")):
+            pipe(prompts[:3], **tiny_call_kwargs("sd15", steps=1, num_images_per_prompt=2))
+
+
+@pytest.mark.parametrize("field, options", [
+    ("cross.layers", {"cross": {"layers": ["down_blocks.1:heads=0"]}}),
+    ("self_attention.layers", {"self_attention": {"layers": ["mid_block:heads=1,2"]}}),
+    ("blend.layers", {"blend": {"layers": ["up_blocks.1:heads=0"]}}),
+])
+def test_heads_in_edit_selectors_are_an_error(field, options):
+    """Edits act on every head of a layer: a ``:heads=`` part used to be ignored silently."""
+    pipe = tiny_pipeline("sd15")
+    with pytest.raises(ControlError, match=rf"{field}.*:heads=.*every head"):
+        with apply(pipe, Edit(options)):
+            pass

@@ -38,6 +38,7 @@ def _state(pipe):
         "forward": denoiser.__dict__.get("forward"),
         "step": pipe.scheduler.__dict__.get("step"),
         "encode": pipe.__dict__.get("encode_prompt"),
+        "check": pipe.__dict__.get("check_inputs"),
         "marker": getattr(denoiser, "_attnctl_session", None),
     }
 
@@ -154,10 +155,10 @@ class IdentityEverywhere(ToyGuide):
         return ()
 
 
-@pytest.mark.parametrize("cfg", [5.0, 1.0])
-def test_extra_branch_guidance_in_one_batch(cfg):
+@pytest.mark.parametrize("cfg, rescale", [(5.0, 0.0), (5.0, 0.7), (1.0, 0.0)])
+def test_extra_branch_guidance_in_one_batch(cfg, rescale):
     pipe = tiny_pipeline("sd15")
-    pipe._guidance_scale = cfg  # what the pipeline sets during a call
+    pipe._guidance_scale, pipe._guidance_rescale = cfg, rescale  # what the pipeline sets during a call
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     text = torch.randn(2, 77, 32, generator=gen)
@@ -174,10 +175,13 @@ def test_extra_branch_guidance_in_one_batch(cfg):
     assert guided.shape == plain.shape
     cond = slice(2, 4) if cfg > 1 else slice(0, 2)
     expected = plain.clone()
-    if cfg > 1:  # the uncond rows carry the guidance; the cond rows stay the model's own prediction
-        expected[:2] = plain[:2] - 2.0 / (cfg - 1) * (plain[cond] - toy[cond])
-    else:
-        expected[cond] = plain[cond] + 2.0 * (plain[cond] - toy[cond])
+    delta = 2.0 * (plain[cond] - toy[cond])
+    if rescale:  # guidance_rescale reads the cond rows: they stay the model's own prediction
+        expected[:2] = plain[:2] - delta / (cfg - 1)
+    else:  # CFG weights sum to one: both rows of a sample take delta
+        expected[cond] = plain[cond] + delta
+        if cfg > 1:
+            expected[:2] = plain[:2] + delta
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
     if cfg > 1:  # what the pipeline's CFG makes of it: eps = uncond + w (cond - uncond) + 2 (cond - toy)
         eps = guided[:2] + cfg * (guided[2:] - guided[:2])
@@ -410,3 +414,145 @@ def test_extra_rows_run_from_the_start_with_controlnet_residuals():
                                        mid_block_additional_residual=mid).sample
         assert session._joined_at is None
     torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
+
+
+# -- a call that fails before denoising leaves nothing behind ----------------------------------------------------
+def _prompt_controls(kind):
+    from attnctl.controls.excite import Excite
+    from attnctl.controls.maps import Maps
+    from attnctl.controls.regions import Regions
+
+    return {
+        "maps": lambda: Maps(words=["circle", "red"]),
+        "excite": lambda: Excite(subjects=["circle"], thresholds={}, scale_factor=200.0),
+        "regions": lambda: Regions(regions=[{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]}], mode="hard",
+                                   window={"start": 0, "stop": 1}),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["maps", "excite", "regions"])
+def test_a_call_that_failed_before_denoising_leaves_no_stale_prompt(kind):
+    """The first call encodes its prompt (token positions of "circle" at 9-10) and then fails on a bad argument
+    (DDIM takes no custom ``timesteps``) before the denoising loop; the next call, with another prompt, must give
+    what a fresh session gives: same latents, same maps, same diagnostics."""
+    pipe = tiny_pipeline("sd15")
+    stale, good = "a small blue square and a big red circle", "a red circle"
+    with apply(pipe, _prompt_controls(kind)) as fresh:
+        expected = pipe(good, **tiny_call_kwargs("sd15")).images
+    expected_run = fresh.last_run()["controls"]
+    control = _prompt_controls(kind)
+    with apply(pipe, control) as session:
+        with pytest.raises(ValueError, match="custom timestep"):
+            pipe(stale, **tiny_call_kwargs("sd15", timesteps=[900, 500, 100]))
+        ours = pipe(good, **tiny_call_kwargs("sd15")).images
+    assert torch.equal(ours, expected), f"max abs difference {(ours - expected).abs().max().item():.3g}"
+    assert session.prompts == [good]
+    assert session.last_run()["controls"].keys() == expected_run.keys()
+    if kind == "maps":
+        fresh_maps = _prompt_controls("maps")
+        with apply(pipe, fresh_maps):
+            pipe(good, **tiny_call_kwargs("sd15"))
+        for word in ("circle", "red"):
+            torch.testing.assert_close(control.maps[word], fresh_maps.maps[word], atol=0, rtol=0)
+
+
+# -- no silent fallbacks -----------------------------------------------------------------------------------------
+def test_a_latent_update_that_cannot_reach_the_latents_is_an_error():
+    """A pending latent update (2 samples) meets a ``scheduler.step`` whose sample has 1 row: the update used to
+    be dropped silently; it is an error naming the argument and both batch sizes."""
+    from attnctl.errors import AttnctlError
+
+    pipe = tiny_pipeline("sd15")
+    pipe.scheduler.set_timesteps(3)
+    t = pipe.scheduler.timesteps[0]
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with apply(pipe, Shift(torch.full((1, 4, 16, 16), 0.1))):
+        noise = pipe.unet(x, t, encoder_hidden_states=text).sample  # 2 cond rows: a pending update of 2 samples
+        with pytest.raises(AttnctlError, match=r"scheduler\.step: sample has 1 rows.*latent update.*2 samples"):
+            pipe.scheduler.step(noise[:1], t, x[:1])
+        pipe.unet(x, t, encoder_hidden_states=text)
+        with pytest.raises(AttnctlError, match=r"scheduler\.step: no `sample` argument.*latent update"):
+            pipe.scheduler.step(noise, t)
+
+
+class InPlaceDDIM:
+    """Makes a DDIM scheduler refill one timesteps buffer on every ``set_timesteps`` (as a scheduler prepared
+    for CUDA graphs would): the tensor object, hence its ``id``, is the same in every call."""
+
+    @staticmethod
+    def make(config):
+        from diffusers import DDIMScheduler
+
+        class Scheduler(DDIMScheduler):
+            def set_timesteps(self, *args, **kwargs):
+                buffer = getattr(self, "_buffer", None)
+                super().set_timesteps(*args, **kwargs)
+                if buffer is not None and buffer.shape == self.timesteps.shape:
+                    buffer.copy_(self.timesteps)
+                    self.timesteps = buffer
+                self._buffer = self.timesteps
+
+        return Scheduler.from_config(config)
+
+
+class Clock(Control):
+    name = "clock"
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def bind(self, session):
+        return {}
+
+    def wants_latent_update(self, step):
+        self.steps.append((step.index, step.timestep))
+        return False
+
+
+def test_the_step_clock_is_rebuilt_for_every_call():
+    """Two calls with the same timesteps tensor object (same id, same length) but other values: the second
+    call's steps are 0, 1, 2 at its own timesteps (a clock keyed on id(timesteps) kept the first call's)."""
+    pipe = tiny_pipeline("sd15")
+    pipe.scheduler = InPlaceDDIM.make(pipe.scheduler.config)
+    clock = Clock()
+    with apply(pipe, clock):
+        pipe("a red circle", **tiny_call_kwargs("sd15"))
+        first = pipe.scheduler.timesteps
+        pipe.scheduler.register_to_config(timestep_spacing="trailing")
+        clock.steps.clear()
+        pipe("a red circle", **tiny_call_kwargs("sd15"))
+    assert pipe.scheduler.timesteps is first  # the case under test: one tensor object for both calls
+    assert clock.steps == [(i, float(t)) for i, t in enumerate(pipe.scheduler.timesteps)]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["at-bind", "custom-control"])
+def test_perturb_controls_that_disagree_on_mode_are_an_error(late):
+    """Two perturbations at one site with different modes: the last control's mode used to win silently."""
+    from attnctl.controls.perturb import Perturb
+    from attnctl.errors import ControlError
+
+    pipe = tiny_pipeline("sd3")
+    site = "transformer_blocks.1.attn"
+    if not late:
+        controls = [Perturb(layers=[site], mode="full"), Perturb(layers=[site], mode="image", branch="other")]
+        with pytest.raises(ControlError, match=r"mode = 'full' and mode = 'image' at transformer_blocks\.1\.attn"):
+            with apply(pipe, controls):
+                pass
+        return
+
+    class ImageMode(Control):  # a custom control perturbing the same rows in the other mode
+        name = "image-mode"
+
+        def bind(self, session):
+            return {site: None}
+
+        def on_attention(self, call):
+            if call.layout.has("perturb"):
+                call.perturb(torch.ones(call.q.shape[0], call.q.shape[1]), mode="image")
+
+    message = r"transformer_blocks\.1\.attn: two controls .* perturb mode 'image' and 'full'"
+    with pytest.raises(ControlError, match=message):
+        with apply(pipe, [Perturb(layers=[site], mode="full"), ImageMode()]):
+            pipe("a red circle", **tiny_call_kwargs("sd3", steps=1))

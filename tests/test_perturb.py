@@ -243,6 +243,7 @@ class Recorder:
             self.calls.append((out[0] if isinstance(out, tuple) else out.sample).clone())
             return out
 
+        @functools.wraps(step)  # pipelines pass eta/generator only to a step whose signature names them
         def record_step(model_output, *args, **kwargs):
             self.steps.append(model_output.clone())
             return step(model_output, *args, **kwargs)
@@ -324,3 +325,40 @@ def test_invariants_scale_zero_differs_restores(family):
     assert dict(denoiser.attn_processors) == processors
     assert "forward" not in denoiser.__dict__ and "step" not in pipe.scheduler.__dict__
     assert torch.equal(pipe(PROMPT, **kwargs()).images, plain)
+
+
+# -- guidance scales near one ------------------------------------------------------------------------------------
+NEAR_ONE = 1.0001
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_guidance_formula_is_exact_near_guidance_one(family):
+    """At w = 1.0001 the scheduler's input is uncond + w (cond - uncond) + s (cond - perturbed) to float32
+    precision (computed here in float64 from the raw rows). Folding PAG into the uncond rows as -delta / (w - 1)
+    amplified delta 10^4-fold before the pipeline's CFG subtracted it back out (3.8e-4 off)."""
+    pipe = tiny_pipeline(family)
+    recorder = Recorder(pipe)
+    try:
+        with apply(pipe, Perturb(scale=1.5)):
+            pipe(PROMPT, **tiny_call_kwargs(family, guidance_scale=NEAR_ONE))
+    finally:
+        recorder.close()
+    worst = 0.0
+    for raw, eps in zip(recorder.calls, recorder.steps):
+        assert raw.shape[0] == 3
+        uncond, cond, perturbed = (raw[i : i + 1].double() for i in range(3))
+        expected = uncond + NEAR_ONE * (cond - uncond) + 1.5 * (cond - perturbed)
+        worst = max(worst, (eps.double() - expected).abs().max().item())
+    assert worst <= 1e-5, f"max abs difference {worst:.3g}"
+
+
+@pytest.mark.parametrize("family, layers", [("sd15", [SD15_MID]),
+                                            ("sdxl", ["mid_block.attentions.0.transformer_blocks.1.attn1"])])
+def test_layer_pag_matches_diffusers_near_guidance_one(family, layers):
+    pipe = tiny_pipeline(family)
+    kwargs = lambda: tiny_call_kwargs(family, guidance_scale=NEAR_ONE)  # noqa: E731
+    reference = _pag_pipeline(family, pipe, layers)(PROMPT, pag_scale=2.5, **kwargs()).images
+    with apply(pipe, Perturb(scale=2.5, layers=layers, mode="image")):
+        ours = pipe(PROMPT, **kwargs()).images
+    difference = (ours - reference).abs().max().item()
+    assert difference <= 1e-5, f"max abs difference {difference:.3g}"

@@ -68,6 +68,9 @@ def diffusers_excite(ctx) -> Callable[[], object]:
     return generate
 
 
+diffusers_excite.families = ("sd15",)  # bench pipeline skips it, with a note, on the other families
+
+
 def _grid_side(ctx) -> int:
     """The grid ``resolution: auto`` picks at the benchmark size, among the UNet's cross-attention levels."""
     from ..controls.excite import auto_grid

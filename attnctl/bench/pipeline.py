@@ -4,6 +4,8 @@ Settings are a registry, ``SETTINGS = {name: "module:function"}``: the core give
 ``cfg``; each control issue adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
 function ``make(ctx: BenchContext) -> Callable[[], object]`` returns a closure that generates one image; it may
 install controls around the call (``attnctl.apply``) or build another pipeline from ``ctx.pipe``'s components.
+A setting that runs on some families only says which in its function's ``families`` attribute; a run skips it
+elsewhere with a note (``plan``), so the bare command runs every setting where it can.
 
 Every (family, setting) runs in a fresh Python process, alone, so its peak resident set is its own
 (CONTRACTS.md, Benchmarks: on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
@@ -149,15 +151,45 @@ def measure_interleaved(family: str, settings: list[str], repeats: int, quick: b
     return [dict(_row(ctx, name, times[name]), peak_shared=True) for name in settings]
 
 
-def run(repeats: int = 5, families=None, quick: bool = False, settings=None, interleave: bool = False):
+def _families_of(name: str) -> tuple[str, ...] | None:
+    """The benchmark families setting ``name`` can run on (its function's ``families``; None = every family)."""
+    return getattr(_setting(name), "families", None)
+
+
+def applies(name: str, family: str) -> bool:
+    """Whether setting ``name`` can run on benchmark family ``family``."""
+    families = _families_of(name)
+    return families is None or family in families
+
+
+def plan(families, settings, interleave: bool) -> list[tuple[str, list[str]]]:
+    """The (family, settings) jobs of a run, each its own fresh process: every setting on every family that can
+    take it. A setting a family cannot take (diffusers' Attend-and-Excite pipeline exists for SD1.x only) is
+    skipped with a note on stderr, so the bare command runs; a setting none of the families can take is an
+    error. Unknown names fail here, before any process starts."""
     names = list(settings or SETTINGS)
     families = check_families(families)
     for name in names:
-        _setting(name)  # unknown names fail before any process starts
+        if not any(applies(name, family) for family in families):
+            raise AttnctlError(f"bench pipeline: {name} runs on {', '.join(_families_of(name))} only, not on the "
+                               f"chosen families {', '.join(families)}; add one of them to --families")
+    per_family = []
+    for family in families:
+        chosen = [name for name in names if applies(name, family)]
+        for name in names:
+            if name not in chosen:
+                print(f"note: bench pipeline: skipping {name} on {family}: it runs on "
+                      f"{', '.join(_families_of(name))} only", file=sys.stderr)
+        per_family.append((family, chosen))
+    if interleave:
+        return per_family
+    return [(family, [name]) for family, chosen in per_family for name in chosen]
+
+
+def run(repeats: int = 5, families=None, quick: bool = False, settings=None, interleave: bool = False):
+    jobs = plan(families, settings, interleave)
     rows = []
     env = dict(os.environ)
-    jobs = ([(family, names) for family in families] if interleave
-            else [(family, [name]) for family in families for name in names])
     for family, chosen in jobs:
         cmd = [sys.executable, "-m", "attnctl.bench.pipeline", "--family", family, "--settings", ",".join(chosen),
                "--repeats", str(repeats)] + (["--quick"] if quick else []) + (["--interleave"] if interleave else [])

@@ -28,7 +28,7 @@ latent, see ``attnctl.editing``). Inside the windows below the target row takes 
   thresholded (0.3, as P2P and Shin et al.), source and target unioned;
   or a user mask (``mask``: an image path, white = editable; or an array passed as ``Edit(..., mask=array)``).
 
-Layer selectors choose whole layers (a ``:heads=`` part is ignored: edits act on every head).
+Layer selectors choose whole layers: edits act on every head, so a ``:heads=`` part is an error.
 Only the rows of ``branches`` (default the conditional rows, as P2P) are coupled; the source rows are never
 changed. Masks per target sample are kept in ``masks`` ({sample: (h, w) float tensor in [0, 1]}).
 """
@@ -165,9 +165,10 @@ class Edit(Control):
         opts, sites = self.options, session.sites
         kinds = {s.kind for s in sites}
 
-        def chosen(layers, allowed, default_kinds=None):
+        def chosen(layers, allowed, default_kinds=None, field=""):
             if layers is None:
                 return {s.name for s in sites if s.kind in (default_kinds or allowed)}
+            _whole_layers(field, layers, sites, allowed)
             return set(select(sites, layers, kinds=allowed))
 
         cross_kinds = ("cross",) if "cross" in kinds else ("joint", "single")
@@ -175,12 +176,12 @@ class Edit(Control):
         if self._cross_window is None:
             on = "cross" in kinds or opts.kind == "reweight" or bool(opts.reweight)
             self._cross_window = StepWindow(start=0.0, stop=0.8 if on else 0.0)
-        self._cross = chosen(opts.cross.layers, ("cross", "joint", "single"), cross_kinds)
-        self._self = chosen(opts.self_attention.layers, ("self",))
-        self._joint = chosen(opts.joint.layers, ("joint", "single"))
+        self._cross = chosen(opts.cross.layers, ("cross", "joint", "single"), cross_kinds, "cross.layers")
+        self._self = chosen(opts.self_attention.layers, ("self",), field="self_attention.layers")
+        self._joint = chosen(opts.joint.layers, ("joint", "single"), field="joint.layers")
         self._blend_sites = set()
         if opts.blend is not None and self.user_mask is None:
-            self._blend_sites = chosen(opts.blend.layers, ("cross", "joint", "single"))
+            self._blend_sites = chosen(opts.blend.layers, ("cross", "joint", "single"), field="blend.layers")
         if (opts.kind == "reweight" or opts.reweight) and not self._cross:
             raise ControlError("reweighting acts on cross-attention maps, but no layer with text tokens is selected "
                                "(cross.layers)")
@@ -199,13 +200,7 @@ class Edit(Control):
         prompts = session.prompts
         if not prompts:
             raise ControlError("edit needs the prompt text: call the pipeline with [source, target] prompts")
-        n = len(prompts) * session.images_per_prompt
-        if opts.pairs == "first":
-            self._pairs = [(0, t) for t in range(1, n)]
-        else:
-            if n % 2:
-                raise ControlError(f"edit pairs 'pairs' needs an even number of samples (source, target, ...), got {n}")
-            self._pairs = [(2 * i, 2 * i + 1) for i in range(n // 2)]
+        self._pairs = _sample_pairs(opts.pairs, len(prompts), session.images_per_prompt)
         if not self._pairs:
             raise ControlError("edit needs at least two prompts: [source, target]")
         self._source_of = {t: s for s, t in self._pairs}
@@ -326,14 +321,15 @@ class Edit(Control):
         scale = 1.0 / math.sqrt(q.shape[-1])
         text, image = call.text, call.image
         n_text = text.stop - text.start
+        like = {"device": q.device, "dtype": q.dtype}  # alignments are built (and cached) on the CPU in float64
         out = out.clone()
         for rs, rt, s, t in pairs:
             align = self._alignment(call.session, s, t, n_text)
-            matrix = align.matrix.to(q.dtype)
-            own = align.own.to(q.dtype)
+            matrix = align.matrix.to(**like)  # (n_text source, n_text target)
+            own = align.own.to(**like)  # (n_text,) target tokens that keep their own map
             equalizer = None
             if reweight:
-                equalizer = torch.ones(n_text, dtype=q.dtype)
+                equalizer = torch.ones(n_text, **like)  # (n_text,) per target token
                 for word, w in self.options.reweight.items():
                     for p in call.session.text_positions(t, word):
                         equalizer[p] = w
@@ -342,13 +338,14 @@ class Edit(Control):
                 if not keys or (group == "text" and text.stop - text.start == 0):
                     continue
                 if group == "image":
-                    rows_t = torch.arange(image.start, image.stop)
+                    rows_t = torch.arange(image.start, image.stop, device=q.device)
                     rows_s = rows_t
                 else:  # text queries: target token j reads the source token it is aligned to (one to one)
                     best = align.matrix.argmax(dim=0)
                     mapped = [j for j in range(n_text) if align.matrix[best[j], j] > 0]
-                    rows_t = torch.tensor([text.start + j for j in mapped], dtype=torch.long)
-                    rows_s = torch.tensor([text.start + int(best[j]) for j in mapped], dtype=torch.long)
+                    rows_t = torch.tensor([text.start + j for j in mapped], dtype=torch.long, device=q.device)
+                    rows_s = torch.tensor([text.start + int(best[j]) for j in mapped], dtype=torch.long,
+                                          device=q.device)
                 for lo in range(0, len(rows_t), 1024):
                     qt, qs = q[rt][:, rows_t[lo:lo + 1024]], q[rs][:, rows_s[lo:lo + 1024]]
                     logits_t = qt @ k[rt].transpose(-1, -2) * scale
@@ -468,10 +465,33 @@ class Edit(Control):
                 "blend_words": {str(k): v for k, v in getattr(self, "_blend_words", {}).items()}}
 
 
+def _whole_layers(field: str, layers: list[str], sites, kinds) -> None:
+    """Edits copy and replace whole attention computations, every head at once: a selector naming heads would
+    be ignored, so it is an error naming the option and the selector."""
+    for text in layers:
+        if any(heads is not None for heads in select(sites, [text], kinds=kinds).values()):
+            raise ControlError(f"{field}: {text!r} names heads (':heads='), but edits act on every head of a layer; "
+                               f"give the layer alone, e.g. {text.split(':heads=')[0]!r}")
+
+
+def _sample_pairs(pairs: str, n_prompts: int, per_prompt: int) -> list[tuple[int, int]]:
+    """(source sample, target sample) pairs. Samples are prompt-major (prompt p's image i is sample
+    p * per_prompt + i), and image i of a target prompt is paired with image i of its source prompt: with
+    ``num_images_per_prompt`` > 1 the source's second image is a second source, never a target."""
+    if pairs == "first":
+        prompt_pairs = [(0, p) for p in range(1, n_prompts)]
+    else:
+        if n_prompts % 2:
+            raise ControlError(f"edit: pairs = 'pairs' needs an even number of prompts (source, target, ...), "
+                               f"got {n_prompts}")
+        prompt_pairs = [(2 * j, 2 * j + 1) for j in range(n_prompts // 2)]
+    return [(s * per_prompt + i, t * per_prompt + i) for s, t in prompt_pairs for i in range(per_prompt)]
+
+
 def _bias_rows(bias: torch.Tensor, row: int, queries: torch.Tensor, dtype) -> torch.Tensor:
     """Batch row ``row`` and query rows ``queries`` of a bias broadcastable to (B, H, Sq, Sk)."""
     if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape, dtype=dtype).masked_fill(~bias, float("-inf"))
+        bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, float("-inf"))
     while bias.ndim < 4:
         bias = bias.unsqueeze(0)
     bias = bias[row] if bias.shape[0] > 1 else bias[0]

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from ..errors import ControlError
 from ..select import select
 from .base import Control, StepWindow, StrictOptions, register
 
@@ -151,7 +152,24 @@ class Perturb(Control):
     def bind(self, session):
         targets = self.options.resolved_targets(session.family)
         self.strengths = head_strengths(session, targets)
-        return {name: None for name, u in self.strengths.items() if bool((u > 0).any())}
+        sites = {name for name, u in self.strengths.items() if bool((u > 0).any())}
+        self._check_modes(session, sites)
+        return {name: None for name in sorted(sites)}
+
+    def _check_modes(self, session, sites: set[str]) -> None:
+        """Another perturb control of this session acting on one of ``sites`` must use the same ``mode``: one
+        attention computation has one mode, and letting the last control's win would be silent."""
+        for other in session.controls:
+            if other is self or not isinstance(other, Perturb) or other.options.mode == self.options.mode:
+                continue
+            theirs = head_strengths(session, other.options.resolved_targets(session.family))
+            shared = sorted(name for name in sites if name in theirs and bool((theirs[name] > 0).any()))
+            if shared:
+                first, second = sorted((self, other), key=session.controls.index)
+                raise ControlError(
+                    f"perturb controls disagree: mode = {first.options.mode!r} and mode = {second.options.mode!r} "
+                    f"at {', '.join(shared)}; one layer takes one mode (allowed: 'full' or 'image'), so give both "
+                    "the same mode or disjoint layers")
 
     @property
     def active(self) -> bool:
