@@ -242,7 +242,8 @@ def run_recipes(recipes: list[Recipe], *, out: str | Path | None = None, name: s
                 distributed: bool | None = None, compare: bool = False) -> Path:
     """Run several recipes (a showcase file's documents) into subfolders of one new run folder, loading each
     model once; with ``compare`` the parts' sheets are also stacked into the folder's ``compare.png``, else
-    their contact sheets into ``contact_sheet.png``. Every recipe is checked before anything is generated."""
+    their contact sheets into ``contact_sheet.png``. The folder's ``run.json`` lists the parts (each has its
+    own). Every recipe is checked before anything is generated."""
     if len(recipes) == 1:
         return run_recipe(recipes[0], out=out, name=name, progress=progress, distributed=distributed,
                           compare=compare)
@@ -272,8 +273,9 @@ def run_recipes(recipes: list[Recipe], *, out: str | Path | None = None, name: s
         sheet = "compare.png" if compare else "contact_sheet.png"
         if sheets:
             stack_sheets(sheets).save(folder / sheet)
-        _write_json(folder / "showcase.json", {"parts": [p.name for p in parts], "sheet": sheet if sheets else None,
-                                               "compare": compare})
+        _write_json(folder / "run.json", {"status": "complete", "parts": [p.name for p in parts],
+                                          "sheet": sheet if sheets else None, "compare": compare,
+                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     procs.barrier()
     return folder
 

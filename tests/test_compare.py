@@ -100,7 +100,8 @@ def test_a_showcase_file_runs_each_recipe_into_one_folder(tmp_path, capsys):
     assert main(["run", str(path), "--quiet", "--compare", "--out", str(tmp_path / "runs"),
                  "--sheet", str(tmp_path / "docs" / "sheet.png")]) == 0
     (folder,) = (tmp_path / "runs").iterdir()
-    showcase = json.loads((folder / "showcase.json").read_text())
+    showcase = json.loads((folder / "run.json").read_text())
+    assert showcase["status"] == "complete" and showcase["sheet"] == "compare.png"
     assert showcase["parts"] == ["1-tiny_sd15-maps", "2-tiny_sd3-perturb"]
     for part in showcase["parts"]:
         assert json.loads((folder / part / "run.json").read_text())["status"] == "complete"
