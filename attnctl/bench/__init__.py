@@ -15,6 +15,7 @@ BENCHES = {
     "overhead": "attnctl.bench.overhead:run",
     "kernel": "attnctl.bench.kernel:run",
     "pipeline": "attnctl.bench.pipeline:run",
+    "fullsize": "attnctl.bench.fullsize:run",
 }
 
 
