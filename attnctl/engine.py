@@ -205,7 +205,8 @@ def take_rows(value, rows: list[int], n: int, skip: Iterable[str] = (), _key: st
         return value
     if isinstance(value, dict):
         return {k: take_rows(v, rows, n, skip, k) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (torch.Tensor, list, tuple)) for v in value):
+        # tensors, or nested sequences of them: IP-Adapter's encoder_hidden_states is (text, [image prompts])
         return type(value)(take_rows(v, rows, n, skip) for v in value)
     return value
 
