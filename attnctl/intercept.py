@@ -120,14 +120,14 @@ class SiteCall:
                 f"queries and {tokens.k_len} keys here; attnctl cannot tell which tokens this call carries"
             )
         self._check_options(index, q, options)
-        call = session.attention_call(self.site, q, k, v, text=tokens.text, image=tokens.image, bias=bias)
-        if call is None:
-            return self.passthrough(fn, *args, **kwargs)
-        self.busy = True
+        self.busy = True  # the controls and the engine's own attention may call SDPA: not the processor's calls
         try:
-            out = call.compute()
+            call = session.attention_call(self.site, q, k, v, text=tokens.text, image=tokens.image, bias=bias)
+            out = fn(*args, **kwargs) if call is None else call.compute()
         finally:
             self.busy = False
+        if call is None:
+            return out
         return out.transpose(1, 2) if heads_dim == 2 else out
 
     def _check_options(self, index: int, q, options: dict) -> None:
@@ -262,7 +262,8 @@ def wrap_forward(session, site, module, original_forward):
     processor call: the ContextVar for the interceptors and the SDPA mode (both exited however the call ends)."""
 
     def forward(*args, **kwargs):
-        session.attention_calls += 1
+        if not torch.compiler.is_compiling():  # a traced counter would be a guard: a recompile per call
+            session.attention_calls += 1
         if site.name not in session.hooks:
             return original_forward(*args, **kwargs)
         session.ensure_patched(type(module.processor))  # a processor set inside the block is patched too
