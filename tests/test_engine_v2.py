@@ -278,3 +278,23 @@ def test_controlled_call_with_an_option_the_engine_cannot_honour():
     with pytest.raises(ProcessorError, match=message):
         with apply(pipe, HookAll([SD15_SITE])):
             pipe(PROMPT, **tiny_call_kwargs("sd15"))
+
+
+# -- (6) torch.compile ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # inductor on CPU compiles for minutes (the engine's wrappers graph-break and recompile)
+@pytest.mark.parametrize("make", [lambda: Maps(words=["circle"]), lambda: Perturb(scale=2.0)], ids=["maps", "perturb"])
+def test_compiled_unet_under_a_control_matches_eager(make):
+    pipe = tiny_pipeline("sd15")
+
+    def run():
+        control = make()
+        with apply(pipe, control):
+            images = pipe(PROMPT, **tiny_call_kwargs("sd15", steps=2)).images
+        return images, control
+
+    eager, eager_control = run()
+    pipe.unet.compile()  # in place: the pipeline still holds a UNet2DConditionModel
+    compiled, compiled_control = run()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    if isinstance(eager_control, Maps):
+        torch.testing.assert_close(compiled_control.maps["circle"], eager_control.maps["circle"], atol=1e-6, rtol=1e-4)
