@@ -1,4 +1,4 @@
-"""The attention computation behind every processor, and its backends.
+"""The attention computation of every controlled call (one a control acted on), and its backends.
 
 Shapes throughout: ``q`` (B, H, Sq, D), ``k``/``v`` (B, H, Sk, D), output (B, H, Sq, D).
 

@@ -1,16 +1,18 @@
-"""The engine: installs processors and wrappers on a pipeline, and runs the control protocol.
+"""The engine: hooks a pipeline's attention and denoiser, and runs the control protocol.
 
-``apply(pipe, controls)`` is a context manager. On entry it checks every attention module's processor (an
-unknown class, e.g. IP-Adapter's, is an error naming it; a second ``apply`` on the same modules is an error),
-binds the controls (selectors resolve, bad options raise) and only then changes anything: our processors on
-every attention module, and thin instance-level wrappers around the denoiser's ``forward`` (batch layout,
-step clock, extra branches, latent updates), ``scheduler.step`` (latent updates reach the pipeline's own
-latents), ``encode_prompt`` (which prompt each sample has; a new pipeline call starts) and, where the model
-has one, ``cache_context`` (FLUX's separate uncond call). On exit, including on exceptions, everything is put
-back exactly as it was.
+``apply(pipe, controls)`` is a context manager. On entry it checks that no other ``apply`` controls the same
+modules (pipelines made with ``from_pipe`` share them: an error), binds the controls (selectors resolve, bad
+options raise) and only then changes anything. Every attention module keeps its own processor (diffusers',
+IP-Adapter's, a user's subclass, with its attention backend); its ``forward`` gets a thin instance-level wrapper
+that marks the site so ``attnctl.intercept`` can hand the processor's attention call to the controls (see that
+module). Thin wrappers also go around the denoiser's ``forward`` (batch layout, step clock, extra branches,
+latent updates), ``scheduler.step`` (latent updates reach the pipeline's own latents), ``encode_prompt`` (which
+prompt each sample has; a new pipeline call starts) and, where the model has one, ``cache_context`` (FLUX's
+separate uncond call). On exit, including on exceptions, everything is put back exactly as it was.
 
-Per-call state lives in the ``Session`` (one per ``apply``) and in ``Frame`` (one per denoiser call); nothing
-is global, so two pipelines in one process do not interfere.
+Per-call state lives in the ``Session`` (one per ``apply``), in ``Frame`` (one per denoiser call) and, for the
+attention module running, in a context variable; the only process-wide change is the pass-through
+``dispatch_attention_fn`` name (``attnctl.intercept``), so two pipelines in one process do not interfere.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .adapters.base import Site
 from .attention import AttentionRequest, attend, key_probabilities
 from .controls.base import Control
 from .errors import ControlError, ProcessorError
+from .intercept import patch_dispatch, wrap_forward
 from .tokens import find_phrase
 
 _MISSING = object()
@@ -202,7 +205,8 @@ def take_rows(value, rows: list[int], n: int, skip: Iterable[str] = (), _key: st
         return value
     if isinstance(value, dict):
         return {k: take_rows(v, rows, n, skip, k) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (torch.Tensor, list, tuple)) for v in value):
+        # tensors, or nested sequences of them: IP-Adapter's encoder_hidden_states is (text, [image prompts])
         return type(value)(take_rows(v, rows, n, skip) for v in value)
     return value
 
@@ -264,6 +268,7 @@ class Session:
         self._joined_at: str | None = None  # the block where they joined in this pipeline call
         self._join_block: int | None = None  # index (in adapter.blocks) of the first block with a hooked site
         self._blocks: list[tuple[str, torch.nn.Module]] = []
+        self._patched_classes: set[type] = set()
 
     # -- install / uninstall ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -272,19 +277,11 @@ class Session:
                 "attnctl.apply is already active on this pipeline's denoiser (pipelines made with from_pipe share "
                 "modules); leave the other `with attnctl.apply(...)` block first"
             )
-        from .adapters.base import Adapter  # noqa: F401  (keeps the import graph one-directional)
-
         for site, module in self.site_modules:
-            processor = module.processor
-            name = type(processor).__name__
-            if getattr(processor, "_attnctl", False):
-                raise ProcessorError(f"{site.name} already has an attnctl processor: another apply is active")
-            if name not in self.adapter.processor_classes:
-                raise ProcessorError(
-                    f"{site.name} uses the attention processor {name}, which attnctl does not understand for the "
-                    f"{self.family} family (it understands {', '.join(sorted(self.adapter.processor_classes))}). "
-                    "Remove it first (e.g. pipe.unload_ip_adapter(), or set the default processors) and retry."
-                )
+            if getattr(module, "_attnctl_session", None) is not None:
+                raise ProcessorError(f"{site.name} is already controlled by another attnctl.apply (pipelines made "
+                                     "with from_pipe share modules); leave the other `with attnctl.apply(...)` "
+                                     "block first")
         for control in self.controls:
             if self.family not in control.families:
                 raise ControlError(f"control {control.name!r} does not support the {self.family} family "
@@ -312,9 +309,11 @@ class Session:
     def _install(self) -> None:
         self._set_attr(self.denoiser, "_attnctl_session", self)
         for site, module in self.site_modules:
-            original = module.processor
-            module.set_processor(self.adapter.make_processor(site, self, original))
-            self._undo.append(lambda module=module, original=original: module.set_processor(original))
+            # The module's own processor stays; its forward is wrapped to mark the site for the interceptors.
+            self._set_attr(module, "_attnctl_session", self)
+            self._set_attr(module, "forward", wrap_forward(self, site, module, module.forward))
+            if site.name in self.hooks:
+                self.ensure_patched(type(module.processor))
         self._set_attr(self.denoiser, "forward", self._forward)
         self._forward_signature = inspect.signature(self.forward_original)
         self._wrap_scheduler()
@@ -333,6 +332,14 @@ class Session:
             self._set_attr(self.denoiser, "cache_context", self._wrapped_cache_context)
         if self.share_prefix and any(type(c).branches is not Control.branches for c in self.controls):
             self._install_late_rows()
+
+    def ensure_patched(self, processor_class: type) -> None:
+        """Route ``processor_class``'s ``dispatch_attention_fn`` calls through attnctl (once per class and session;
+        undone on exit). SDPA needs no patch: a mode sees it around hooked modules."""
+        if processor_class in self._patched_classes:
+            return
+        self._patched_classes.add(processor_class)
+        self._undo.extend(patch_dispatch(processor_class))
 
     def _install_late_rows(self) -> None:
         """Hooks that let an extra branch's rows join the batch at the first block with a hooked site.
@@ -721,10 +728,10 @@ class Session:
             return args, {**kwargs, "sample": sample}
         return args[:2] + (sample,) + args[3:], kwargs
 
-    # -- called by processors ------------------------------------------------------------------------
+    # -- called by the interceptors (attnctl.intercept) ---------------------------------------------
     def attention_call(self, site: Site, q, k, v, *, text: slice | None, image: slice, bias=None):
-        """An ``AttentionCall`` after the site's controls edited it, or None when no control hooks this site."""
-        self.attention_calls += 1
+        """An ``AttentionCall`` after the site's controls edited it, or None when no control hooks this site.
+        q/k/v: (B, H, S, D). (``attention_calls`` counts module calls; the site's forward wrapper adds them.)"""
         hooks = self.hooks.get(site.name)
         if not hooks or self.frame is None:
             return None

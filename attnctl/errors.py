@@ -31,7 +31,8 @@ class ControlError(AttnctlError):
 
 
 class ProcessorError(AttnctlError):
-    """Attention processors cannot be installed: an unknown processor class, or a second ``apply`` on the same modules."""
+    """Attention cannot be controlled: a second ``apply`` on the same modules, or a processor whose attention call
+    attnctl cannot place (none it can intercept, more than declared, or options the controls cannot honour)."""
 
 
 class TokenError(ControlError):

@@ -1,8 +1,10 @@
 """What every architecture adapter provides, and the description of one attention layer.
 
-An adapter says *where* attention lives in a family (which modules, which processor classes it understands,
-where text and image tokens sit in each call, how the batch is laid out); controls say *what* to do and never
-branch on the family. Adding a family is one file in this folder plus one registry line in ``__init__``.
+An adapter says *where* attention lives in a family (which modules, where text and image tokens sit in the
+attention call each module's processor makes, which processors make several calls and which one a control
+sees, how the batch is laid out); controls say *what* to do and never branch on the family. The processors
+themselves are never replaced: ``attnctl.intercept`` catches their call to the attention primitive. Adding a
+family is one file in this folder plus one registry line in ``__init__``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelError
+from ..intercept import CallPlan, Tokens
 
 KINDS = ("self", "cross", "joint", "single")
 
@@ -47,6 +50,13 @@ class TextSegment:
     max_length: int
 
 
+def n_tokens(hidden_states: torch.Tensor) -> int:
+    """Sequence length of a module input: (B, S, C) -> S; a (B, C, H, W) feature map -> H * W."""
+    if hidden_states.ndim == 4:
+        return int(hidden_states.shape[2] * hidden_states.shape[3])
+    return int(hidden_states.shape[1])
+
+
 def import_path(path: str):
     """The object at ``"package.module:Name"``."""
     module, _, name = path.partition(":")
@@ -62,11 +72,12 @@ class Adapter:
     text_arg: str = "encoder_hidden_states"
     unbatched_args: frozenset[str] = frozenset()
     timestep_scale: float = 1.0  # the pipeline passes timestep / scale to the denoiser (FLUX: t / 1000)
-    processor_classes: frozenset[str] = frozenset()
     # Declarations the discovery methods below read ("module:Class" paths, imported when first needed).
     denoiser_class: str = ""  # the pipeline's denoiser that identifies the family
     attention_class: str = "diffusers.models.attention_processor:Attention"
-    processor: type | None = None  # the family's attention processor: processor(site, session, original)
+    # Processors (and their subclasses) that make more than one attention call per module call, with the plan
+    # saying which call a control sees; any other processor is expected to make exactly one.
+    call_plans: tuple[tuple[str, CallPlan], ...] = ()
     # The denoiser's blocks in the order its forward runs them (attribute names: a module list or one module),
     # the modules after them that still take per-sample inputs, the block arguments that are not batch-major,
     # and the forward arguments (extra residuals added between blocks) under which rows cannot join late.
@@ -112,8 +123,26 @@ class Adapter:
                 found.append((attr, module))
         return found
 
-    def make_processor(self, site: Site, session, original):
-        return self.processor(site, session, original)
+    # -- the attention call inside a module's processor ------------------------------------------------
+    def call_plan(self, processor) -> CallPlan:
+        """Which of ``processor``'s attention calls a control sees, and how many it may make."""
+        for path, plan in self.call_plans:
+            try:
+                cls = import_path(path)
+            except (ImportError, AttributeError):  # an older diffusers without this processor
+                continue
+            if isinstance(processor, cls):
+                return plan
+        return CallPlan()
+
+    def tokens(self, site: Site, inputs: dict, frame) -> Tokens:
+        """Where text and image tokens sit in the controlled attention call of ``site``.
+
+        ``inputs``: the module call's ``hidden_states`` and ``encoder_hidden_states`` (either may be None);
+        ``frame``: the engine's current denoiser call (its ``text_len``). The returned lengths are checked
+        against the intercepted call's q/k sequence lengths.
+        """
+        raise NotImplementedError
 
     # -- per denoiser call ---------------------------------------------------------------------------------
     def latent_hw(self, params: dict) -> tuple[int, int]:

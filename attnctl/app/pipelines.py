@@ -2,7 +2,7 @@
 
 The cache is keyed by (model string, device, dtype). ``use`` holds that pipeline's lock for the whole
 generation, so requests on the same model queue behind each other (concurrency 1 per model) while other models
-may run. Nothing a request sets survives it: attnctl.apply installs processors per call and restores them, and
+may run. Nothing a request sets survives it: attnctl.apply hooks attention per call and restores everything, and
 ``use`` puts back the scheduler a recipe may have swapped.
 """
 
