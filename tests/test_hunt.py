@@ -131,7 +131,7 @@ def test_user_objective_from_a_module(tmp_path, monkeypatch):
         load_objective("my_objectives:broken")
     with pytest.raises(AttnctlError, match=r"unknown objective 'pickscor'.*did you mean 'pickscore'.*module.path"):
         load_objective("pickscor:x")
-    with pytest.raises(AttnctlError, match=r"unknown objective 'my_objectives'; allowed: shapes, clip, pickscore$"):
+    with pytest.raises(AttnctlError, match=r"unknown objective 'my_objectives'; allowed: shapes, shapes-graded, clip, pickscore$"):
         load_objective("my_objectives:Brightness", user_objectives=False)
 
 

@@ -79,6 +79,6 @@ def test_head_search_runs_the_library_hunt_on_the_forms_recipe(client, pipelines
     with pytest.raises(Exception, match=r"needs a recipe with one `controls: perturb:` block"):
         client.predict(1, 1, "", prompt="a red circle", steps=2, api_name="/hunt")
     # A form field never names a callable of the server's Python (the CLI allows module:Factory objectives).
-    with pytest.raises(Exception, match=r"unknown objective 'os'; allowed: shapes, clip, pickscore$"):
+    with pytest.raises(Exception, match=r"unknown objective 'os'; allowed: shapes, shapes-graded, clip, pickscore$"):
         client.predict(1, 1, "os:system:touch hacked", prompt="a red circle", steps=2, perturb__enabled=True,
                        perturb__layers=["mid_block"], api_name="/hunt")
