@@ -53,6 +53,16 @@ class Item:
         return f"{self.index:04d}" + (f"_set{self.setting}" if self.values else "") + f"_seed{self.seed}"
 
 
+def item_recipe_text(recipe: Recipe, item: Item) -> str:
+    """The YAML recipe of ``item`` alone, written into its PNG so that ``attnctl run`` on it re-makes that one
+    image: ``recipe`` (the item's sweep setting already applied) with the item's prompt and seed in place of the
+    lists, and no sweep. An item holding every prompt (interpolation) keeps them as a list: that is one image."""
+    data = recipe.model_dump(exclude={"sweep"})
+    data["prompt"] = list(item.prompt) if isinstance(item.prompt, tuple) else item.prompt
+    data["seeds"] = item.seed
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def new_run_folder(base: Path, name: str) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -177,13 +187,12 @@ def run_recipe(recipe: Recipe, *, out: str | Path | None = None, name: str = "ru
                 p = pipes[key]
                 p.scheduler = default_scheduler[key]
                 set_scheduler(p, sub.scheduler, sub.scheduler_options)
-                current = (item.setting, sub, p, sub.build_controls(),
-                           yaml.safe_dump(sub.model_dump(exclude={"sweep"}), sort_keys=False))
+                current = (item.setting, sub, p, sub.build_controls())
                 record.setdefault("device", str(getattr(p, "device", "cpu")))
                 if item.values:
                     sweep_bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in item.values))
-            _, sub, p, controls, recipe_text = current
-            entry = _generate(item, sub, p, controls, recipe_text, folder, apply)
+            _, sub, p, controls = current
+            entry = _generate(item, sub, p, controls, item_recipe_text(sub, item), folder, apply)
             if compare:
                 _add_baseline(entry, item, sub, p, controls, folder, baselines)
             if procs.world > 1:

@@ -291,6 +291,8 @@ def test_images_metrics_and_auto_spacing():
 def test_recipe_run_writes_frames_strip_gif_and_metrics(tmp_path):
     import json
 
+    import yaml
+
     from attnctl.recipe import load_recipe
     from attnctl.run import run_recipe
 
@@ -309,6 +311,13 @@ def test_recipe_run_writes_frames_strip_gif_and_metrics(tmp_path):
     meta = entry["info"]
     assert meta["t"] == pytest.approx([0, 1 / 3, 2 / 3, 1]) and len(meta["distances"]) == 3
     assert {"smoothness", "consistency", "distance"} <= set(meta)
+    # The strip's embedded recipe is that one sequence: every prompt (one image), its seed; it re-runs the strip.
+    strip = Image.open(folder / entry["file"])
+    single = load_recipe(yaml.safe_load(strip.text["attnctl:recipe"]))
+    assert single.prompt == [A, B] and single.seed_list == [4]
+    again = run_recipe(single, out=tmp_path / "again", progress=False)
+    (again_entry,) = json.loads((again / "run.json").read_text())["images"]
+    assert Image.open(again / again_entry["file"]).tobytes() == strip.tobytes()
 
 
 def test_interp_eval_suite(tmp_path):

@@ -169,12 +169,30 @@ def test_sweep_run_contact_sheet_and_item_recipes(tmp_path):
     assert sheet.size[0] == 2 * 128 and sheet.size[1] > 2 * 128
     pixels = _pixels(folder)
     assert pixels["0000_set0_seed0.png"] != pixels["0002_set1_seed0.png"]  # the swept value matters
-    # Each PNG carries its own setting's recipe: re-running it alone reproduces the image.
+    # Each PNG carries its own item's recipe (its setting, prompt and seed): re-running it reproduces the image.
     text = Image.open(folder / "0002_set1_seed0.png").text["attnctl:recipe"]
-    single = load_recipe(_write(tmp_path, text), ["seeds=[0]"])
-    assert single.guidance_scale == 6.0 and not single.sweep
+    single = load_recipe(_write(tmp_path, text))
+    assert single.guidance_scale == 6.0 and not single.sweep and single.seed_list == [0]
     again = run_recipe(single, out=tmp_path / "again", progress=False)
     assert Image.open(again / "0000_seed0.png").tobytes() == pixels["0002_set1_seed0.png"]
+
+
+def test_each_png_recipe_re_runs_that_one_image(tmp_path):
+    """The recipe embedded in a PNG of a multi-prompt, multi-seed run is that image's alone: one prompt, one
+    seed, and running it makes the same pixels (not the whole run, whose first image would be another one)."""
+    recipe = load_recipe(_write(tmp_path, GOOD.replace("prompt: a red circle", "prompt: [a red circle, a blue star]")
+                                + "seeds: [5, 7]\n"))
+    folder = run_recipe(recipe, out=tmp_path / "runs", progress=False)
+    record = json.loads((folder / "run.json").read_text())
+    assert [(e["prompt"], e["seed"]) for e in record["images"]] == [
+        ("a red circle", 5), ("a red circle", 7), ("a blue star", 5), ("a blue star", 7)]
+    entry = record["images"][3]  # neither the first prompt nor the first seed: a whole-run recipe would differ
+    png = Image.open(folder / entry["file"])
+    single = load_recipe(_write(tmp_path, png.text["attnctl:recipe"]))
+    assert single.prompts == ["a blue star"] and single.seed_list == [7] and not single.sweep
+    again = run_recipe(single, out=tmp_path / "again", progress=False)
+    (again_entry,) = json.loads((again / "run.json").read_text())["images"]
+    assert Image.open(again / again_entry["file"]).tobytes() == png.tobytes()
 
 
 def test_two_process_sweep_equals_one_process(tmp_path):
