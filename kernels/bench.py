@@ -1,7 +1,7 @@
 """Benchmark entry point: ``python kernels/bench.py [--shapes a,b] [--dtype bf16] [--repeats 20] [--json PATH]``.
 
 The benchmark itself is ``attnctl.kernels.bench.run_kernel_bench`` (also ``attnctl bench kernel``). Needs a
-CUDA GPU; prints a table and the CONTRACTS target checks, writes JSON (default: kernels/results/<gpu>.json).
+CUDA GPU; prints a table and the performance target checks, writes JSON (default: kernels/results/<gpu>.json).
 """
 
 import argparse

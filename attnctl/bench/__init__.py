@@ -1,6 +1,6 @@
 """Benchmarks: a registry of name -> "module:function". Each returns a list of JSON-able row dicts.
 
-The control issues add their settings here (one line each). ``run_bench`` prints the table and writes JSON.
+Each control adds its settings here (one line each). ``run_bench`` prints the table and writes JSON.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ Settings (the ``SETTINGS`` table; each family runs those it can):
 
 Tiny size (``--size tiny``, any device, float32 on CPU): the same code with small configs (``TINY``) at 64 px,
 a dry run of the GPU benchmark that the default test suite runs in seconds. Numbers at tiny size mean nothing.
-This benchmark never asserts on time; ``targets`` reports the issue's targets as met or missed.
+This benchmark never asserts on time; ``targets`` reports its performance targets (time ratios against stock
+diffusers, each with its bound) as met, missed or not measured.
 """
 
 from __future__ import annotations
@@ -672,8 +673,8 @@ def _ratios(rows: list[dict]) -> None:
 
 
 def targets(rows: list[dict], size: str = "full") -> list[dict]:
-    """The issue's targets (report only): each with its value, the bound and met / missed / not measured (at tiny
-    size: "n/a (tiny)", the numbers of a dry run mean nothing)."""
+    """The performance targets this benchmark reports (never asserts): each with its value, the bound and met /
+    missed / not measured (at tiny size: "n/a (tiny)", the numbers of a dry run mean nothing)."""
     get = {(r["variant"], r["setting"]): r for r in rows}
     out = []
 

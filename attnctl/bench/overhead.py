@@ -1,9 +1,10 @@
 """``attnctl bench overhead``: per-step time of each family, stock vs. through attnctl with no control.
 
 Families: the tiny random pipelines (``sd15``, ``sdxl``, ``sd3``, ``flux``) and the embedded trained models
-(``shapes``, ``shapes-dit``, 64 px at 25 steps as a user runs them). Sizes are chosen so one step takes at least ~20 ms on 2 CPU cores (CONTRACTS.md, Benchmarks); stock and
-attnctl runs alternate (A B A B ...) so drift hits both, and the median of ``repeats`` runs is reported with
-min and max. ``us_per_call`` is the extra time per attention call.
+(``shapes``, ``shapes-dit``, 64 px at 25 steps as a user runs them). Sizes are chosen so one step takes at
+least ~20 ms on 2 CPU cores (shorter steps would mostly measure timer noise); stock and attnctl runs alternate
+(A B A B ...) so drift hits both, and the median of ``repeats`` runs is reported with min and max.
+``us_per_call`` is the extra time per attention call.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """``attnctl bench pipeline``: seconds per image and peak memory of each setting on each family (tiny random pipelines and the embedded models).
 
 Settings are a registry, ``SETTINGS = {name: "module:function"}``: the core gives ``baseline`` (no CFG) and
-``cfg``; each control issue adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
+``cfg``; each control adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
 function ``make(ctx: BenchContext) -> Callable[[], object]`` returns a closure that generates one image; it may
 install controls around the call (``attnctl.apply``) or build another pipeline from ``ctx.pipe``'s components.
 A setting that runs on some families only says which in its function's ``families`` attribute; a run skips it
 elsewhere with a note (``plan``), so the bare command runs every setting where it can.
 
 Every (family, setting) runs in a fresh Python process, alone, so its peak resident set is its own
-(CONTRACTS.md, Benchmarks: on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
+(on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
 Inside that process: one warm-up call, then ``repeats`` timed calls; the median is reported with min and max.
 Sizes follow ``attnctl bench overhead`` (one step >= ~20 ms on 2 cores).
 

@@ -41,7 +41,7 @@ class StepWindow(StrictOptions):
     """A window of the denoising schedule as fractions: 0 = first step, 1 = after the last.
 
     Fractions, not model-call counts: Heun-type schedulers call the model twice per step and img2img starts
-    part-way, and a window still means the same part of the schedule (CONTRACTS.md, Recipes).
+    part-way, and a window still means the same part of the schedule.
     """
 
     start: float = Field(0.0, ge=0.0, le=1.0)

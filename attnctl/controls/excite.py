@@ -1,4 +1,4 @@
-"""``excite``: Attend-and-Excite (Chefer et al., SIGGRAPH 2023, arXiv 2301.13826; REFERENCES.md section 1).
+"""``excite``: Attend-and-Excite (Chefer et al., SIGGRAPH 2023, arXiv 2301.13826).
 
 Before each early denoising step the latents move down the gradient of a loss that is large when some subject
 of the prompt gets little attention anywhere in the image:
@@ -36,7 +36,7 @@ in ``tests/test_excite.py`` where they are tested:
   this). ``softmax_over="padded"`` reproduces the reference exactly.
 - Refinement happens only at steps inside ``window`` (the reference also refines at a listed step past
   ``max_iter_to_alter``), so an empty window does nothing at all.
-- Step windows and refinement steps are fractions of the schedule (CONTRACTS.md): refinement at fraction f runs
+- Step windows and refinement steps are fractions of the schedule, as for every control: refinement at fraction f runs
   at step index ceil(f * T). With 50 steps the defaults give the reference's steps 0, 10, 20 and window 0-24.
 - The smoothing kernel is the reference's: weights exp(-(d / (2 sigma))^2), reflect padding of ``kernel // 2``
   (the reference pads 1 whatever the kernel size).

@@ -6,7 +6,9 @@ bound to the part of the image outside every region. Two modes:
 - ``hard``: a region's phrase tokens can only be attended from image queries inside the region, and (joint
   attention) the phrase's text queries only see image keys inside it. Everything else is untouched: other
   words, the start token, the end token and the padding stay visible to every query, so no query row is ever
-  fully masked and the pad-token trap (REFERENCES.md section 4) cannot happen.
+  fully masked (a softmax over only masked scores is NaN). The last text token (end or padding) in particular
+  stays visible to every query, and a phrase that would cover it is an error: in CLIP-conditioned models those
+  tokens take a large share of the text attention, which masking them would push onto the remaining words.
 - ``soft``: DenseDiffusion-style additive bias on the pre-softmax scores (Kim et al., "Dense Text-to-Image
   Generation with Attention Modulation", ICCV 2023, Sec. 3.2; official code: cross weight 1.0, self weight
   0.3, decay (t/1000)^5, first 30% of the steps). Raised by ``strength * (1 - area)`` inside the region,

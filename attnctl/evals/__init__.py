@@ -1,7 +1,7 @@
 """``attnctl eval SUITE``: baseline vs. a recipe's controls on the same prompts and seeds, scored by ShapesBench.
 
 Registry: ``SUITES = {name: "module:SUITE"}``; a suite is one module with a ``Suite`` instance (see
-``base.Suite``). Each control issue adds its own suite with one line here.
+``base.Suite``). Each control adds its own suite with one line here.
 """
 
 from __future__ import annotations

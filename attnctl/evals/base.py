@@ -4,7 +4,7 @@ A ``Suite`` gives cases (prompt, seed and whatever ground truth it needs: from a
 lines of a ``--prompts`` file), may fill in control options per case from the caption (e.g. the shape nouns
 as Attend-and-Excite subjects), generates images and scores each one. ``run_eval`` runs every case twice, as
 the baseline (no controls) and with the recipe's controls, on the same seeds, batched; it prints the two side
-by side and returns the JSON of CONTRACTS.md: ``{"suite", "model", "n", "baseline", "controlled",
+by side and returns one JSON report: ``{"suite", "model", "n", "baseline", "controlled",
 "delta_ci95", "rows", ...}`` where ``delta_ci95[m]`` is a paired bootstrap 95% interval of the mean of
 (controlled - baseline) over the rows that have metric ``m`` in both runs.
 """

@@ -1,7 +1,8 @@
 """On a CUDA GPU the perturb control's attention runs on the Triton kernel, and a whole generation through it
 is as close to a float32 reference as the same generation forced onto PyTorch SDPA (``ATTNCTL_BACKEND=sdpa``)
-in the same half-precision dtype (the CONTRACTS kernel rule, applied to a 10-step generation: rounding
-differences grow through the steps, so the bound is relative to SDPA's own error). Skipped without a GPU."""
+in the same half-precision dtype (the kernel's accuracy rule, at most 2x SDPA's error against float64, applied
+to a 10-step generation: rounding differences grow through the steps, so the bound is relative to SDPA's own
+error). Skipped without a GPU."""
 
 from __future__ import annotations
 

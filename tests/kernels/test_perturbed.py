@@ -1,8 +1,8 @@
 """The Triton perturbed-attention kernel under TRITON_INTERPRET=1, against a float64 reference.
 
 Every case draws fresh random inputs, fills the output with NaN before the launch (an element the kernel
-forgets to write fails), and checks two bounds: relative error (float32: < 1e-5) and the CONTRACTS rule,
-max abs error at most 2x that of PyTorch SDPA (``sdpa_blend``) in the same dtype, both against float64.
+forgets to write fails), and checks two bounds: relative error (float32: < 1e-5) and the accuracy
+rule, max abs error at most 2x that of PyTorch SDPA (``sdpa_blend``) in the same dtype, both against float64.
 Sizes are small: the interpreter runs each program in Python (bf16 dots are wrong in triton 3.9's
 interpreter, so bf16 is covered by the GPU tests only).
 """

@@ -1,4 +1,4 @@
-"""App panels: a registry, one module per panel, so each control issue adds its panel with one line.
+"""App panels: a registry, one module per panel, so each control adds its panel with one line.
 
 ``PANELS`` maps a panel key to ``"module:ATTRIBUTE"`` (a ``Panel`` instance). A panel whose ``control`` is set
 takes precedence over the generated one for that control; every other registered control gets a
