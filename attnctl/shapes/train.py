@@ -1,6 +1,6 @@
 """Training of the embedded ShapesWorld models in stock diffusers formats.
 
-Two models share one recipe (see REFERENCES.md, section 8):
+Two models share one recipe:
 
 * ``shapes``: an ``AutoencoderKL`` (64x64x3 -> 16x16x4) trained first, then a ``UNet2DConditionModel`` with
   cross-attention and a ``CLIPTextModel`` trained jointly (v-prediction, linear DDPM betas, 10% caption dropout,
