@@ -8,15 +8,15 @@
 
 from . import controls
 from .engine import AttentionCall, BatchLayout, LatentUpdate, Session, StepInfo, apply
-from .errors import (AttnctlError, ControlError, ModelError, ProcessorError, RecipeError, SelectorError,
-                     TokenError)
+from .errors import (AttnctlError, ControlError, LayoutError, ModelError, ProcessorError, RecipeError,
+                     SelectorError, TokenError)
 from .models import load
 from .select import select
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionCall", "AttnctlError", "BatchLayout", "ControlError", "LatentUpdate", "ModelError",
+    "AttentionCall", "AttnctlError", "BatchLayout", "ControlError", "LatentUpdate", "LayoutError", "ModelError",
     "ProcessorError", "RecipeError", "SelectorError", "Session", "StepInfo", "TokenError", "apply", "controls",
     "load", "select",
 ]

@@ -33,6 +33,7 @@ from .attention import AttentionRequest, attend, key_probabilities
 from .controls.base import Control
 from .errors import ControlError, ProcessorError
 from .intercept import patch_dispatch, wrap_forward
+from .layouts import FOLLOWER_KINDS, GUIDED_KINDS, BatchLayout, DenoiserCall, layout_for
 from .tokens import find_phrase
 
 _MISSING = object()
@@ -46,28 +47,6 @@ class StepInfo:
     total: int
     progress: float
     timestep: float
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """What each row of a denoiser batch is: its branch (``uncond``, ``cond``, or an extra branch such as
-    ``perturb``) and its sample (the index of the image being generated, prompt-major as pipelines order them)."""
-
-    branches: tuple[str, ...]
-    samples: tuple[int, ...]
-
-    def rows(self, branch: str) -> list[int]:
-        return [i for i, b in enumerate(self.branches) if b == branch]
-
-    def has(self, branch: str) -> bool:
-        return branch in self.branches
-
-    @property
-    def n_samples(self) -> int:
-        return max(self.samples) + 1 if self.samples else 0
-
-    def __len__(self) -> int:
-        return len(self.branches)
 
 
 @dataclass
@@ -186,7 +165,8 @@ class LatentUpdate:
         params = take_rows(self.params, self.rows, len(self.frame.layout), session.adapter.unbatched_args)
         params[session.adapter.latent_arg] = z * self.scale
         samples = tuple(self.frame.layout.samples[r] for r in self.rows)
-        frame = replace(self.frame, layout=BatchLayout(("cond",) * len(self.rows), samples), params=params)
+        frame = replace(self.frame, layout=BatchLayout(("cond",) * len(self.rows), samples, self.frame.layout.kind),
+                        params=params)
         previous, session.frame = session.frame, frame
         try:
             with torch.enable_grad():
@@ -249,11 +229,14 @@ class Session:
         self.attention_calls = 0
         self.prompts: list[str] | None = None
         self.images_per_prompt = 1
-        self._branch_name: str | None = None
+        self._context_name: str | None = None  # the denoiser's open cache_context (FLUX: "cond" / "uncond")
+        self._encoded: list[Any] = []  # this pipeline call's encode_prompt results, in order (FLUX: prompt, neg)
         self._call_open = False
         self._denoised_in_call = False
         self._pending: tuple[int, torch.Tensor, float] | None = None
-        self._carry: tuple[int, dict[int, torch.Tensor]] | None = None  # guidance for a separate uncond call
+        # (step index, {sample: delta}): the guidance delta the cond rows of the step's guided call took, for the
+        # calls that follow it at that step (FLUX's true-CFG uncond call, SD3's skip-layer call)
+        self._carry: tuple[int, dict[int, torch.Tensor]] | None = None
         self._clock_key = None
         self._clock: torch.Tensor | None = None
         self._token_cache: dict[tuple[str, str], list[int]] = {}
@@ -426,7 +409,8 @@ class Session:
         self._token_cache.clear()
         self._pending = None
         self._carry = None
-        self._branch_name = None
+        self._context_name = None
+        self._encoded = []
         self._call_open, self._denoised_in_call = True, False
         self._last_step = None
         self._joined_at = None
@@ -438,6 +422,7 @@ class Session:
 
     def _end_call(self) -> None:
         self._call_open = False
+        self._encoded = []
         record = {"seconds": time.perf_counter() - self._call_started_at, "controls": {}}
         if self._joined_at is not None:
             record["extra_rows_from"] = self._joined_at  # extra branch rows shared the blocks before this one
@@ -467,12 +452,15 @@ class Session:
         self._token_cache.clear()
         self._pending = None
         self._carry = None
+        self._encoded = []
 
     def _wrapped_encode_prompt(self, *args, **kwargs):
         arguments = self._encode_signature.bind_partial(*args, **kwargs).arguments
         if not self._call_open or self._denoised_in_call:
             self._start_call(arguments.get("prompt"), arguments.get("num_images_per_prompt", 1))
-        return self._encode_prompt(*args, **kwargs)
+        result = self._encode_prompt(*args, **kwargs)
+        self._encoded.append(result)  # the denoiser calls' text embeddings are matched against these
+        return result
 
     def _wrapped_free_hooks(self, *args, **kwargs):
         if self._call_open:
@@ -481,12 +469,12 @@ class Session:
 
     @contextlib.contextmanager
     def _wrapped_cache_context(self, name, *args, **kwargs):
-        previous, self._branch_name = self._branch_name, name
+        previous, self._context_name = self._context_name, name
         try:
             with self._cache_context(name, *args, **kwargs):
                 yield
         finally:
-            self._branch_name = previous
+            self._context_name = previous
 
     def last_run(self) -> dict:
         """Diagnostics of the most recent pipeline call (closes it if the pipeline did not)."""
@@ -538,6 +526,28 @@ class Session:
         t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) and timestep.ndim else timestep
         return float(scheduler.scale_model_input(one, t).flatten()[0])
 
+    def denoiser_call(self, params: dict, n_rows: int) -> DenoiserCall:
+        """The facts a layout is decided from (``attnctl.layouts.DenoiserCall``) for a call with ``params``."""
+        pipe, text = self.pipe, params.get(self.adapter.text_arg)
+        # Read only a property the pipeline class defines: inside a call it reflects that call's guidance scale.
+        cfg = bool(pipe.do_classifier_free_guidance) if (
+            self._call_open and hasattr(type(pipe), "do_classifier_free_guidance")) else None
+        source = None
+        for i, result in enumerate(self._encoded):  # which encode_prompt call made these text embeddings
+            first = result[0] if isinstance(result, (tuple, list)) and result else result
+            if text is not None and first is text:
+                source = i
+                break
+        samples = len(self.prompts) * self.images_per_prompt if self._call_open and self.prompts else None
+        return DenoiserCall(type(self.denoiser).__name__, n_rows, params, self._call_open, cfg,
+                            self._context_name, source, samples)
+
+    def layout(self, params: dict, n_rows: int) -> BatchLayout:
+        """The batch layout of a denoiser call: the adapter names its kind, ``attnctl.layouts`` lays out its rows
+        (a ``LayoutError`` for a call of no known kind)."""
+        call = self.denoiser_call(params, n_rows)
+        return layout_for(self.adapter.call_kind(call), call, self.adapter.layout_kinds)
+
     def _forward(self, *args, **kwargs):
         params = dict(self._forward_signature.bind(*args, **kwargs).arguments)
         extra = params.pop("kwargs", None)
@@ -547,13 +557,7 @@ class Session:
         x = params[adapter.latent_arg]
         n = x.shape[0]
         step = self.step_info(params.get("timestep", 0))
-        branches = adapter.default_branch(self, n)
-        counts: dict[str, int] = {}
-        samples = []
-        for b in branches:
-            samples.append(counts.get(b, 0))
-            counts[b] = counts.get(b, 0) + 1
-        layout = BatchLayout(tuple(branches), tuple(samples))
+        layout = self.layout(params, n)
         text = params.get(adapter.text_arg)
         frame = Frame(step, layout, adapter.latent_hw(params), text.shape[1] if text is not None else None, params)
         self._denoised_in_call = True
@@ -563,7 +567,7 @@ class Session:
         if self._pending is not None and self._pending[0] == step.index:
             _, delta, scale = self._pending  # a later call at the same step (FLUX's separate uncond call)
             params[adapter.latent_arg] = x + scale * delta[list(layout.samples)].to(x.dtype)
-        elif layout.has("cond"):
+        elif layout.kind in GUIDED_KINDS and layout.has("cond"):
             updaters = [c for c in self.controls if c.wants_latent_update(step)]
             if updaters:
                 params[adapter.latent_arg] = self._update_latents(params, frame, updaters)
@@ -571,7 +575,7 @@ class Session:
         # Protocol kind 2: extra branches as extra rows copied from the cond rows, one batched call.
         names: list[str] = []
         guides = []
-        if layout.has("cond"):
+        if layout.kind in GUIDED_KINDS and layout.has("cond"):  # never on a follower call (see layouts)
             for control in self.controls:
                 wanted = control.branches(step)
                 if wanted:
@@ -583,7 +587,7 @@ class Session:
             rows = list(range(n)) + cond * len(names)
             branches = list(layout.branches) + [b for b in names for _ in cond]
             samples = list(layout.samples) + [layout.samples[r] for _ in names for r in cond]
-            wide = BatchLayout(tuple(branches), tuple(samples))
+            wide = BatchLayout(tuple(branches), tuple(samples), layout.kind)
             if self._join_block is not None and not any(params.get(a) is not None for a in adapter.late_rows_blockers):
                 join = (rows, n, replace(frame, layout=wide))
                 self._joined_at = self._blocks[self._join_block][0]
@@ -621,12 +625,13 @@ class Session:
         ``base``: (B, ...) the denoiser's rows; ``delta``: (n_cond, ...) one row per cond row of ``layout``. CFG
         forms uncond + w (cond - uncond), weights summing to one, so adding delta to both the uncond and the cond
         rows of a sample adds exactly delta for any w (w = 1.0001 included). Only where the pipeline reads the
-        cond rows again after CFG (``guidance_rescale``'s std, SD3's skip-layer guidance: ``_reads_cond``) must
-        they stay the model's own prediction, as in diffusers' PAG pipelines; then the uncond rows alone take
-        -delta / (w - 1), whose float rounding grows like w / (w - 1) (about 1e-4 relative at w = 1.0001).
-        Without uncond rows the cond rows take delta; if the pipeline then runs its uncond pass as a separate
-        call at the same step (FLUX's true CFG, whose scale the engine cannot read), that call's rows take delta
-        too (``_carry_guidance``), so neg + s (cond - neg) gains exactly delta for any s.
+        cond rows again after CFG on its own (``guidance_rescale``'s std: ``_reads_cond``) must they stay the
+        model's own prediction, as in diffusers' PAG pipelines; then the uncond rows alone take -delta / (w - 1),
+        whose float rounding grows like w / (w - 1) (about 1e-4 relative at w = 1.0001). Without uncond rows the
+        cond rows take delta. Whatever the cond rows took is carried (``_carry``) to the calls that follow at the
+        same step and that the pipeline combines with them (``attnctl.layouts.FOLLOWER_KINDS``): FLUX's true-CFG
+        uncond call (neg + s (cond - neg) then gains exactly delta for any s, a scale the engine cannot read)
+        and SD3's skip-layer call ((cond - skip) * slg_scale then holds no delta at all).
         """
         base = base.clone()
         cond, uncond = layout.rows("cond"), layout.rows("uncond")
@@ -640,26 +645,30 @@ class Session:
         index = [by_sample[layout.samples[r]] for r in uncond]  # the cond row of each uncond row's sample
         w = float(getattr(self.pipe, "guidance_scale", 1.0))
         if w > 1.0 and self._reads_cond():
-            base[uncond] = base[uncond] - delta[index] / (w - 1.0)
+            base[uncond] = base[uncond] - delta[index] / (w - 1.0)  # cond rows unchanged: nothing to carry
         else:
             base[cond] = base[cond] + delta
             base[uncond] = base[uncond] + delta[index]
+            self._carry = (step.index, {layout.samples[r]: delta[i] for i, r in enumerate(cond)})
         return base
 
     def _reads_cond(self) -> bool:
-        """Whether the running pipeline call reads the cond rows again after combining CFG: a nonzero
-        ``guidance_rescale`` (SD1.x/SDXL) or SD3's skip-layer guidance (``skip_guidance_layers``)."""
+        """Whether the running pipeline call reads the cond rows again after combining CFG, other than through a
+        follower call: a nonzero ``guidance_rescale`` (SD1.x/SDXL). (SD3's skip-layer guidance also reads them,
+        but through its own call, a ``skip_layers`` layout that takes the cond rows' delta. It used to be
+        detected here from ``pipe._skip_guidance_layers``, an attribute diffusers 0.42 never sets: the check
+        was always False.)"""
         try:
             rescale = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
         except (AttributeError, TypeError, ValueError):  # the property reads a per-call attribute
             rescale = 0.0
-        skip_layers = getattr(self.pipe, "_skip_guidance_layers", None)
-        return rescale > 0.0 or bool(skip_layers)
+        return rescale > 0.0
 
     def _carry_guidance(self, out, layout: BatchLayout, step: StepInfo):
-        """An uncond-only call at the step of the last guided cond call (FLUX's true CFG) gets the same delta."""
-        carry, self._carry = self._carry, None
-        if carry is None or carry[0] != step.index or layout.has("cond") or not layout.has("uncond"):
+        """A follower call (``attnctl.layouts.FOLLOWER_KINDS``) at the step of the last guided call takes the
+        delta that call's cond rows took, per sample. out: the denoiser's output, rows (n, ...)."""
+        carry = self._carry
+        if carry is None or carry[0] != step.index or layout.kind not in FOLLOWER_KINDS:
             return out
         sample = get_sample(out).clone()
         for r, s in enumerate(layout.samples):

@@ -35,6 +35,11 @@ class ProcessorError(AttnctlError):
     attnctl cannot place (none it can intercept, more than declared, or options the controls cannot honour)."""
 
 
+class LayoutError(AttnctlError):
+    """A denoiser call whose rows attnctl cannot assign to uncond/cond/extra branches from what the call is
+    (the message names the denoiser, its row count and the layout that was expected): never a silent guess."""
+
+
 class TokenError(ControlError):
     """A word or phrase cannot be found among the prompt's tokens."""
 

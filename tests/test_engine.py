@@ -157,10 +157,25 @@ class IdentityEverywhere(ToyGuide):
         return ()
 
 
+def inside_a_pipeline_call(pipe, cfg, rescale, fn):
+    """``fn()`` run inside a real 2-image pipeline call (from its first step's callback), where the call's CFG
+    settings are live: the engine lays out a denoiser call from the pipeline call it is in (attnctl.layouts;
+    outside one every row is cond)."""
+    result = {}
+
+    def callback(pipe, i, t, kwargs):
+        if i == 0:
+            result["out"] = fn()
+        return {}
+
+    pipe(PROMPTS[0], num_images_per_prompt=2, guidance_rescale=rescale, callback_on_step_end=callback,
+         **tiny_call_kwargs("sd15", steps=1, guidance_scale=cfg))
+    return result["out"]
+
+
 @pytest.mark.parametrize("cfg, rescale", [(5.0, 0.0), (5.0, 0.7), (1.0, 0.0)])
 def test_extra_branch_guidance_in_one_batch(cfg, rescale):
     pipe = tiny_pipeline("sd15")
-    pipe._guidance_scale, pipe._guidance_rescale = cfg, rescale  # what the pipeline sets during a call
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     text = torch.randn(2, 77, 32, generator=gen)
@@ -168,12 +183,16 @@ def test_extra_branch_guidance_in_one_batch(cfg, rescale):
     if cfg > 1:
         x, text = torch.cat([x, x]), torch.cat([torch.randn(2, 77, 32, generator=gen), text])
     plain = pipe.unet(x, t, encoder_hidden_states=text).sample
+
+    def unet():
+        return pipe.unet(x, t, encoder_hidden_states=text).sample
+
     with apply(pipe, IdentityEverywhere(0.0)):
-        toy = pipe.unet(x, t, encoder_hidden_states=text).sample
+        toy = inside_a_pipeline_call(pipe, cfg, rescale, unet)
     with apply(pipe, ToyGuide(2.0)):
-        guided = pipe.unet(x, t, encoder_hidden_states=text).sample
+        guided = inside_a_pipeline_call(pipe, cfg, rescale, unet)
     with apply(pipe, ToyGuide(0.0)):
-        unchanged = pipe.unet(x, t, encoder_hidden_states=text).sample
+        unchanged = inside_a_pipeline_call(pipe, cfg, rescale, unet)
     assert guided.shape == plain.shape
     cond = slice(2, 4) if cfg > 1 else slice(0, 2)
     expected = plain.clone()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModelError
+from .. import layouts
+from ..errors import LayoutError, ModelError
 from ..intercept import CallPlan, Tokens
 
 KINDS = ("self", "cross", "joint", "single")
@@ -165,14 +166,18 @@ class Adapter:
     def text_segments(self, pipe) -> list[TextSegment]:
         raise NotImplementedError
 
-    def default_branch(self, session, n_rows: int) -> list[str]:
-        """Branch name of each row when no control added rows: CFG pipelines put uncond rows first."""
-        cfg = False
-        try:
-            cfg = bool(session.pipe.do_classifier_free_guidance)
-        except Exception:  # a bare denoiser call outside a pipeline: every row is conditional
-            cfg = False
-        if cfg and n_rows % 2 == 0:
-            half = n_rows // 2
-            return ["uncond"] * half + ["cond"] * half
-        return ["cond"] * n_rows
+    # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
+    # The kinds of denoiser call this family's pipelines make. UNet pipelines: CFG in one batch, or no CFG.
+    layout_kinds: tuple[str, ...] = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.OUTSIDE)
+
+    def call_kind(self, call: layouts.DenoiserCall) -> str:
+        """Which kind of call ``call`` is, from what the pipeline is doing: outside a pipeline call every row is
+        cond; inside one, the running pipeline's ``do_classifier_free_guidance`` says whether its batch is
+        [uncond; cond]. A pipeline without that property is a ``LayoutError``, not a guess."""
+        if not call.in_pipeline:
+            return layouts.OUTSIDE
+        if call.cfg is None:
+            raise LayoutError(f"{call.describe()} inside a pipeline without `do_classifier_free_guidance`: "
+                              f"the {self.family} layouts ({', '.join(self.layout_kinds)}) need it to tell "
+                              "uncond rows from cond rows")
+        return layouts.CFG_BATCH if call.cfg else layouts.COND_BATCH

@@ -7,6 +7,8 @@ tensors are (B, S, H, D). A call no control acts on goes to that backend unchang
 
 from __future__ import annotations
 
+from .. import layouts
+from ..errors import LayoutError
 from ..intercept import CallPlan, Tokens
 from .base import Adapter, TextSegment, n_tokens
 
@@ -47,9 +49,29 @@ class FluxAdapter(Adapter):
         ids = ids[0] if ids.ndim == 3 else ids
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
-    def default_branch(self, session, n_rows):
-        # No CFG batch: true CFG runs a separate call inside cache_context("uncond").
-        return ["uncond" if session._branch_name == "uncond" else "cond"] * n_rows
+    # FLUX is guidance-distilled: no CFG batch. True CFG (a negative prompt and true_cfg_scale > 1) runs the
+    # negative prompt as a separate call at the same step, after the cond call.
+    layout_kinds = (layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
+
+    def call_kind(self, call):
+        """FluxPipeline names its calls with ``transformer.cache_context("cond" | "uncond")``; FLUX pipelines
+        without it (img2img, inpaint, Kontext, ControlNet) pass the negative prompt's embeddings, which came
+        from their second ``encode_prompt`` call (``text_source`` 1), to the uncond call. A call that is neither
+        is a ``LayoutError``."""
+        if not call.in_pipeline:
+            return layouts.OUTSIDE
+        by_context = {"cond": layouts.COND_BATCH, "uncond": layouts.UNCOND_CALL}
+        if call.context is not None:
+            if call.context not in by_context:
+                raise LayoutError(f"{call.describe()} in cache_context {call.context!r}: allowed contexts are "
+                                  "'cond' and 'uncond'")
+            return by_context[call.context]
+        by_source = {0: layouts.COND_BATCH, 1: layouts.UNCOND_CALL}
+        if call.text_source not in by_source:
+            raise LayoutError(f"{call.describe()}: its encoder_hidden_states are neither the prompt's nor the "
+                              "negative prompt's embeddings from this pipeline call's encode_prompt, and no "
+                              "cache_context names it; expected a cond call or a true-CFG uncond call")
+        return by_source[call.text_source]
 
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer_2, 0, None)]

@@ -8,6 +8,7 @@ does not).
 
 from __future__ import annotations
 
+from .. import layouts
 from ..intercept import CallPlan, Tokens
 from .base import Adapter, TextSegment, n_tokens
 
@@ -23,6 +24,17 @@ class SD3Adapter(Adapter):
     # SD3's IP-Adapter: first the joint attention (the one controls see), then the image-prompt attention.
     call_plans = (("diffusers.models.attention_processor:SD3IPAdapterJointAttnProcessor2_0",
                    CallPlan(0, 2, "the joint attention, then the image-prompt attention")),)
+
+    # SD3's skip-layer guidance (``skip_guidance_layers``) adds a second call per step on the cond latents.
+    layout_kinds = Adapter.layout_kinds + (layouts.SKIP_LAYERS,)
+
+    def call_kind(self, call):
+        """SD3's skip-layer-guidance call is the one the pipeline passes ``skip_layers=`` to (StableDiffusion3
+        Pipeline: only that call; its main call is a plain CFG batch even while ``do_classifier_free_guidance``
+        is True). Every other call is laid out as in the base adapter."""
+        if call.in_pipeline and call.params.get("skip_layers") is not None:
+            return layouts.SKIP_LAYERS
+        return super().call_kind(call)
 
     def kind_of(self, module):
         return "joint" if getattr(module, "add_k_proj", None) is not None else "self"
