@@ -49,42 +49,39 @@ class ShapesObjective:
     """ShapesBench score: the fraction of the caption's objects the ShapesWorld detector finds (colour and
     shape), plus 1 when all are present. Offline; meant for the ``shapes`` models."""
 
+    name = "shapes"
+
     def __init__(self, argument: str | None = None):
         if argument:
-            raise AttnctlError(f"objective 'shapes' takes no argument (got {argument!r})")
+            raise AttnctlError(f"objective {self.name!r} takes no argument (got {argument!r})")
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         from .shapes.detect import detect
+
+        return np.asarray([self.score_one(detect(image), prompt) for image, prompt in zip(images, prompts)],
+                          dtype=np.float64)
+
+    def score_one(self, detections, prompt: str) -> float:
         from .shapes.validate import match
 
-        scores = []
-        for image, prompt in zip(images, prompts):
-            result = match(prompt, detect(image))
-            scores.append(result.n_present / max(1, len(result.expected)) + float(result.all_present))
-        return np.asarray(scores, dtype=np.float64)
+        result = match(prompt, detections)
+        return result.n_present / max(1, len(result.expected)) + float(result.all_present)
 
 
-class GradedShapesObjective:
+class GradedShapesObjective(ShapesObjective):
     """The ``shapes`` score with margins, so candidates do not tie: 1 when the detector finds every named object,
     plus the mean over the named objects of how closely the best detection in each one's colour matches its shape's
     prototype (``attnctl.shapes.graded``, 0..1). Offline; meant for the ``shapes`` models."""
 
-    def __init__(self, argument: str | None = None):
-        if argument:
-            raise AttnctlError(f"objective 'shapes-graded' takes no argument (got {argument!r})")
+    name = "shapes-graded"
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from .shapes.detect import detect
+    def score_one(self, detections, prompt: str) -> float:
         from .shapes.graded import object_score
         from .shapes.validate import match
 
-        scores = []
-        for image, prompt in zip(images, prompts):
-            dets = detect(image)
-            result = match(prompt, dets)
-            margin = np.mean([object_score(dets, c, sh) for c, sh in result.expected]) if result.expected else 0.0
-            scores.append(float(result.all_present) + float(margin))
-        return np.asarray(scores, dtype=np.float64)
+        result = match(prompt, detections)
+        margins = [object_score(detections, colour, shape) for colour, shape in result.expected]
+        return float(result.all_present) + (float(np.mean(margins)) if margins else 0.0)
 
 
 class ClipObjective:
