@@ -2,7 +2,7 @@
 
 ``tiny_pipeline("sd15" | "sdxl" | "sd3" | "flux")`` returns a stock diffusers pipeline whose components are
 random, tiny and deterministic for a seed. They have several heads per attention layer (so head addressing can
-be tested), SD3 includes SD3.5's features (qk-norm and a dual-attention block), FLUX has double- and
+be tested), FLUX.2 is [klein] with real CFG (``attnctl.testing_flux2``), SD3 includes SD3.5's features (qk-norm and a dual-attention block), FLUX has double- and
 single-stream blocks and guidance embedding (a guidance-distilled, FLUX.1-dev-like layout). Users can import
 these for their own tests; the model strings ``tiny:sd15`` ... resolve here.
 """
@@ -14,10 +14,10 @@ import torch
 from .errors import ModelError
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2")
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -175,7 +175,13 @@ def _flux(tokenizer):
     )
 
 
-_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+def _flux2(tokenizer):
+    from .testing_flux2 import flux2_klein  # FLUX.2 [klein] with a Qwen3 text encoder: its own tokenizer
+
+    return flux2_klein()
+
+
+_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2}
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -210,6 +216,9 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
     if family == "flux":
         kwargs["max_sequence_length"] = 32
         kwargs["guidance_scale"] = 3.5
+    elif family == "flux2":
+        kwargs["max_sequence_length"] = 32  # the chat turn's 14 tokens + the prompt + padding
+        kwargs["guidance_scale"] = 4.0
     else:
         kwargs["guidance_scale"] = 5.0
     kwargs.update(overrides)

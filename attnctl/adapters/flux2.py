@@ -1,0 +1,107 @@
+"""FLUX.2 ([dev] with ``Flux2Pipeline``, [klein] with ``Flux2KleinPipeline``): one MM-DiT, two attention classes.
+
+Double-stream blocks (``Flux2Attention``, kind ``joint``) attend over [text; image; reference images], the
+processor concatenating the text stream in front; single-stream blocks (``Flux2ParallelSelfAttention``, kind
+``single``, QKV fused with the MLP input) get that sequence already joined. Reference images (FLUX.2's
+multi-reference editing: ``pipe(image=[...])``) are packed after the generated image's tokens in the same
+stream; their position ids carry a time coordinate of 10, 20, ... where the generated image's is 0. So in every
+controlled call the text span is the first ``T`` keys, the image span the next ``h * w`` queries (the generated
+image only: maps, regions and Attend-and-Excite act on it) and the reference tokens follow, untouched by
+controls that act on the image span. A perturbation in ``mode="full"`` replaces the whole map by the identity;
+in ``mode="image"`` every non-text token (generated and reference) attends only to itself and the text.
+
+Each module keeps its own processor and attention backend; a control sees its ``dispatch_attention_fn`` call.
+The KV-cache processors of ``Flux2KleinKVPipeline`` attend twice (extract) or to more keys than queries
+(cached): attnctl cannot place their tokens and says so at the first controlled call.
+
+Calls: ``Flux2Pipeline`` is guidance-distilled (one cond call per step); ``Flux2KleinPipeline`` runs CFG as a
+second call inside ``transformer.cache_context("uncond")`` when ``guidance_scale > 1`` and not distilled, the
+layout FLUX's true CFG has, so the call kinds are FLUX's.
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from ..intercept import Tokens
+from .base import Site, TextSegment, import_path, n_tokens
+from .flux import FluxAdapter
+
+_PROMPT_MARK = "\u2063attnctl-prompt\u2063"  # rendered into the chat template to find where the prompt starts
+
+
+class Flux2Adapter(FluxAdapter):
+    family = "flux2"
+    unbatched_args = frozenset({"txt_ids", "img_ids", "kv_cache"})
+    denoiser_class = "diffusers:Flux2Transformer2DModel"
+    attention_class = "diffusers.models.transformers.transformer_flux2:Flux2Attention"
+    single_class = "diffusers.models.transformers.transformer_flux2:Flux2ParallelSelfAttention"
+    late_rows_blockers = frozenset()
+    call_plans = ()
+
+    def module_class(self):
+        return (import_path(self.attention_class), import_path(self.single_class))
+
+    def kind_of(self, module):
+        return "joint" if getattr(module, "added_kv_proj_dim", None) is not None else "single"
+
+    def sites(self, denoiser):
+        # Flux2ParallelSelfAttention has no ``to_q`` (QKV and MLP-in are one projection): read ``head_dim``.
+        cls, found = self.module_class(), []
+        for name, module in denoiser.named_modules():
+            if isinstance(module, cls):
+                found.append((Site(name, self.kind_of(module), module.heads, module.head_dim, len(found)), module))
+        return found
+
+    def tokens(self, site, inputs, frame):
+        hidden = n_tokens(inputs["hidden_states"])
+        text = inputs["encoder_hidden_states"]
+        if text is not None:  # double-stream: the processor concatenates [text; image; references]
+            n_text = int(text.shape[1])
+            total = n_text + hidden
+        else:  # single-stream: the transformer joined them before the first single block
+            n_text = frame.text_len if frame is not None and frame.text_len is not None else 0
+            total = hidden
+        n_image = total - n_text
+        if frame is not None and frame.latent_hw is not None:
+            n_image = min(n_image, frame.latent_hw[0] * frame.latent_hw[1])  # references follow the image
+        return Tokens(slice(0, n_text) if n_text else None, slice(n_text, n_text + n_image), total, total)
+
+    def latent_hw(self, params):
+        """(h, w) of the generated image's tokens: the position ids with time coordinate 0 (references have
+        10, 20, ...)."""
+        ids = params.get("img_ids")
+        if ids is None:
+            return None
+        ids = ids[0] if ids.ndim == 3 else ids
+        own = ids[ids[:, 0] == 0]
+        if own.shape[0] == 0:
+            return None
+        return int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1
+
+    @staticmethod
+    def reference_tokens(params) -> int:
+        """How many reference-image tokens a denoiser call with ``params`` carries (0 without references)."""
+        ids = params.get("img_ids")
+        if ids is None:
+            return 0
+        ids = ids[0] if ids.ndim == 3 else ids
+        return int((ids[:, 0] != 0).sum())
+
+    def text_segments(self, pipe):
+        """The prompt's tokens start after the chat turn's prefix the pipeline renders around it."""
+        tokenizer = pipe.tokenizer
+        if not hasattr(tokenizer, "apply_chat_template") or not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise ModelError(
+                f"{type(pipe).__name__}: attnctl finds prompt words only through a tokenizer with a chat template "
+                f"(FLUX.2 [klein]'s Qwen tokenizer); this pipeline's {type(tokenizer).__name__} (FLUX.2 [dev]'s "
+                "Mistral processor) is not supported for word-level controls (excite, regions, maps, edit); "
+                "perturb and interpolate do not need word positions"
+            )
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROMPT_MARK}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=False)
+        prefix = rendered.split(_PROMPT_MARK)[0]
+        offset = len(tokenizer(prefix).input_ids)
+        return [TextSegment(tokenizer, offset, None)]
+
+
+__all__ = ["Flux2Adapter"]
