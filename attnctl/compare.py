@@ -61,7 +61,7 @@ def generate_baseline(pipe, prompt, kwargs: dict, seed: int):
     images = []
     for p in prompts:
         call = dict(kwargs, generator=torch.Generator("cpu").manual_seed(seed))
-        images.append(pipe(p, **call).images[0])
+        images.append(pipe(prompt=p, **call).images[0])
     if len(images) == 1:
         return images[0]
     strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")

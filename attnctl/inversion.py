@@ -200,7 +200,7 @@ def probe(pipe, prompt: str, steps: int, guidance_scale: float, latents: torch.T
 
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+        pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
              output_type="latent", **call_kwargs)
     except _Probed:
         pass
@@ -265,6 +265,9 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
     if steps < 1:
         raise ControlError(f"inversion steps must be >= 1, got {steps}")
     adapter = adapter_for(pipe)
+    unsupported = getattr(adapter, "inversion_unsupported", "")
+    if unsupported:  # the adapter says why this family's latents cannot be inverted here
+        raise ControlError(f"inversion is not available for the {adapter.family} family: {unsupported}")
     default_h, default_w = native_size(pipe)
     height, width = height or default_h, width or default_w
     multiple = int(getattr(pipe, "vae_scale_factor", 8)) * (2 if hasattr(pipe, "_pack_latents") else 1)

@@ -361,7 +361,7 @@ def _generate(item: Item, recipe: Recipe, pipe, controls, recipe_text: str, fold
     with apply(pipe, controls) as session:
         made = next((m for c in controls if hasattr(c, "generate_item")
                      for m in [c.generate_item(pipe, prompt, item.seed, kwargs)] if m is not None), None)
-        image = pipe(prompt, **kwargs).images[0] if made is None else made.get("image")
+        image = pipe(prompt=prompt, **kwargs).images[0] if made is None else made.get("image")
         diagnostics = session.last_run().get("controls", {})
     seconds = time.perf_counter() - start
     info = PngInfo()

@@ -37,6 +37,11 @@ class Flux2Adapter(FluxAdapter):
     single_class = "diffusers.models.transformers.transformer_flux2:Flux2ParallelSelfAttention"
     late_rows_blockers = frozenset()
     call_plans = ()
+    # attnctl.inversion encodes images the FLUX/SD3 way (shift, scale, 2x2 packing); FLUX.2's VAE patchifies and
+    # normalises by batch-norm statistics, and its pipelines take unpacked latents: not implemented.
+    inversion_unsupported = ("FLUX.2 latents are patchified and batch-norm normalised by its VAE, which attnctl's "
+                             "image encoding does not implement; edit by prompt without an inverted image "
+                             "(or FLUX.2's own reference-image conditioning)")
 
     def module_class(self):
         return (import_path(self.attention_class), import_path(self.single_class))

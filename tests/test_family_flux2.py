@@ -1,0 +1,192 @@
+"""FLUX.2 ([klein] base on ``tiny:flux2``): the adapter, stock equality, every control, PAG parity, bad input.
+
+Real components only: diffusers' ``Flux2KleinPipeline`` with tiny random weights (its processors, its CFG call,
+its reference-image conditioning) and, for parity, diffusers' modular FLUX.2 [klein] base pipeline with its
+``PerturbedAttentionGuidance`` guider.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnctl
+from attnctl.controls.base import Control
+from attnctl.controls.edit import Edit
+from attnctl.controls.excite import Excite
+from attnctl.controls.maps import Maps
+from attnctl.controls.perturb import Perturb
+from attnctl.controls.regions import Regions
+from attnctl.engine import apply
+from attnctl.errors import AttnctlError, ControlError, ModelError
+from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+
+PROMPT = "a red circle and a blue square"
+JOINT = "transformer_blocks.0.attn"
+SINGLE = "single_transformer_blocks.0.attn"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("flux2")
+
+
+def kwargs(**overrides):
+    return tiny_call_kwargs("flux2", **overrides)
+
+
+def reference_image(seed=0, size=64):  # FLUX.2 takes references of at least 64 px
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+class Probe(Control):
+    """Records each call at the named sites (q, k, v, bias, spans, layout) and its per-head output."""
+
+    name = "probe"
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites, self.calls = set(sites), []
+
+    def bind(self, session):
+        return {name: None for name in self.sites}
+
+    def on_attention(self, call):
+        record = {"site": call.site.name, "q": call.q, "k": call.k, "v": call.v, "bias": call.bias,
+                  "text": call.text, "image": call.image, "layout": call.layout, "grid": call.grid}
+        self.calls.append(record)
+
+        def keep(out):
+            record["out"] = out
+            return out
+
+        call.then(keep)
+
+
+# -- the adapter ---------------------------------------------------------------------------------------------
+def test_sites_kinds_and_reference_token_spans(pipe):
+    session = attnctl.engine.Session(pipe)
+    assert session.family == "flux2"
+    assert [(s.name, s.kind, s.heads, s.head_dim) for s in session.sites] == [
+        (JOINT, "joint", 4, 8), (SINGLE, "single", 4, 8), ("single_transformer_blocks.1.attn", "single", 4, 8)]
+    probe = Probe([JOINT, SINGLE])
+    with apply(pipe, probe):
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+    for record in probe.calls:
+        # [text (32); generated image (8 x 8); reference image (16 x 16)]: the image span is the generated image only
+        assert record["text"] == slice(0, 32)
+        assert record["image"] == slice(32, 96)
+        assert record["q"].shape[2] == 32 + 64 + 256
+        assert record["grid"] == (8, 8)
+
+
+# -- with no control, stock diffusers -----------------------------------------------------------------------
+@pytest.mark.parametrize("reference", [False, True])
+def test_no_control_equals_stock_bit_for_bit_and_hooks_within_1e5(pipe, reference):
+    """No control: torch.equal (CFG's second call, reference images). A control at every site that changes
+    nothing routes every call through attnctl's attention: within 1e-5 of stock."""
+    extra = {"image": [reference_image()]} if reference else {}
+    stock = pipe(prompt=PROMPT, **kwargs(), **extra).images
+    with apply(pipe, []):
+        ours = pipe(prompt=PROMPT, **kwargs(), **extra).images
+    assert torch.equal(stock, ours)
+    session = attnctl.engine.Session(pipe)
+    with apply(pipe, Probe([s.name for s in session.sites])) as run:
+        hooked = pipe(prompt=PROMPT, **kwargs(), **extra).images
+    torch.testing.assert_close(hooked, stock, atol=1e-5, rtol=0)
+    assert run.attention_calls == 3 * 3 * 2  # 3 sites x 3 steps x (cond + uncond call)
+
+
+# -- perturb ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("site", [JOINT, SINGLE])
+def test_perturbing_a_head_changes_only_that_head(pipe, site):
+    probe = Probe([site])
+    with apply(pipe, [Perturb(scale=1.0, layers=f"{site}:heads=1"), probe]):
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=2))
+    perturbed_calls = [r for r in probe.calls if r["layout"].has("perturb")]
+    assert perturbed_calls
+    for record in perturbed_calls:
+        layout, out = record["layout"], record["out"]
+        cond, perturbed = out[layout.rows("cond")], out[layout.rows("perturb")]
+        torch.testing.assert_close(perturbed[:, [0, 2, 3]], cond[:, [0, 2, 3]], atol=0, rtol=0)
+        assert (perturbed[:, 1] - cond[:, 1]).abs().max() > 1e-4
+        text = record["text"]  # image mode: text queries keep their plain attention
+        torch.testing.assert_close(perturbed[:, :, text], cond[:, :, text], atol=0, rtol=0)
+
+
+def test_image_mode_identity_covers_reference_tokens_float64(pipe):
+    """mode=image at a joint site with a reference image: text queries attend to everything, every other token
+    (generated and reference) to the text and itself; checked against an explicit float64 masked softmax."""
+    probe = Probe([JOINT])
+    with apply(pipe, [Perturb(scale=1.0, layers=[JOINT], mode="image"), probe]):
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+    record = next(r for r in probe.calls if r["layout"].has("perturb"))
+    rows = record["layout"].rows("perturb")
+    q, k, v = (record[n][rows].double() for n in ("q", "k", "v"))
+    seq, n_text = q.shape[2], record["text"].stop
+    allowed = torch.zeros(seq, seq, dtype=torch.bool)
+    allowed[:n_text] = True
+    allowed[:, :n_text] = True
+    allowed |= torch.eye(seq, dtype=torch.bool)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    torch.testing.assert_close(record["out"][rows].double(), expected, atol=2e-5, rtol=1e-4)
+
+
+# -- PAG parity with diffusers' modular guider ----------------------------------------------------------------
+def _modular_pag(pipe, layers, scale, guidance, monkeypatch):
+    """The modular FLUX.2 [klein] base pipeline on the same components, with diffusers' PAG guider."""
+    from diffusers.guiders import PerturbedAttentionGuidance
+    from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+    from diffusers.modular_pipelines import Flux2KleinBaseAutoBlocks
+
+    # diffusers 0.42.1's layer-skip hook looks the processor up in a registry that lacks FLUX.2's processors, even
+    # though the attention-score skip it applies never calls the registered function: register them as unused.
+    def unused(*args, **kwargs):
+        raise AssertionError("skip_attention_scores never calls the processor-output function")
+
+    # And the hook asks every attention module ``is_cross_attention``, which FLUX.2's modules do not define.
+    for module in pipe.transformer.modules():
+        if type(module).__name__ in ("Flux2Attention", "Flux2ParallelSelfAttention"):
+            monkeypatch.setattr(module, "is_cross_attention", False, raising=False)
+    AttentionProcessorRegistry._register()
+    for cls in (Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor):
+        if cls not in AttentionProcessorRegistry._registry:
+            AttentionProcessorRegistry.register(cls, AttentionProcessorMetadata(skip_processor_output_fn=unused))
+    modular = Flux2KleinBaseAutoBlocks().init_pipeline()
+    guider = PerturbedAttentionGuidance(guidance_scale=guidance, perturbed_guidance_scale=scale,
+                                        perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+                                        perturbed_guidance_config={"indices": layers[1], "fqn": layers[0]})
+    modular.update_components(**{k: v for k, v in pipe.components.items()}, guider=guider)
+    return modular
+
+
+@pytest.mark.parametrize("fqn, index", [("transformer_blocks", 0), ("single_transformer_blocks", 1)])
+def test_layer_pag_matches_diffusers_modular_guider(pipe, fqn, index, monkeypatch):
+    """diffusers' guider replaces the attention scores of every module in the block by the identity: at a joint
+    site the whole [text; image] map (attnctl mode='full'). Its window counts steps strictly after
+    int(start * steps), so step 0 never has PAG: attnctl's window starts after step 0 too. float32, 3 steps."""
+    site = f"{fqn}.{index}.attn"
+    modular = _modular_pag(pipe, (fqn, [index]), scale=2.0, guidance=4.0, monkeypatch=monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    theirs = modular(prompt=PROMPT, num_inference_steps=3, height=32, width=32, max_sequence_length=32,
+                     generator=generator, output="latents")
+    control = Perturb(scale=2.0, layers=[site], mode="full", window={"start": 0.3, "stop": 1.0})
+    with apply(pipe, control) as session:
+        ours = pipe(prompt=PROMPT, **kwargs(guidance_scale=4.0), ).images
+    assert session.last_run()["controls"]["perturb"]["steps"] == [1, 2]
+    plain = pipe(prompt=PROMPT, **kwargs(guidance_scale=4.0)).images
+    theirs = _unpack(pipe, theirs, ours)
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _unpack(pipe, theirs, like):
+    """The modular pipeline's packed latents -> the standard pipeline's output_type='latent' layout."""
+    if theirs.shape == like.shape:
+        return theirs
+    b, s, c = theirs.shape
+    side = int(s ** 0.5)
+    return theirs.reshape(b, side, side, c).permute(0, 3, 1, 2).reshape(like.shape)
