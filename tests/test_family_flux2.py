@@ -200,3 +200,102 @@ def _unpack(pipe, theirs, like):
     theirs = pipe._unpatchify_latents(theirs)
     assert theirs.shape == like.shape
     return theirs
+
+
+# -- regions, excite, maps, edit -------------------------------------------------------------------------------
+RED, BLUE = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+
+
+def test_hard_regions_confine_each_phrase_to_its_box_with_a_reference_image(pipe):
+    regions = Regions(regions=[{"phrase": "red circle", "box": list(RED)}, {"phrase": "blue square", "box": list(BLUE)}],
+                      mode="hard", window={"start": 0, "stop": 1})
+    probe = Probe([JOINT, SINGLE])
+    with apply(pipe, [regions, probe]) as session:
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        positions = {p: session.text_positions(0, p) for p in ("red circle", "blue square")}
+    assert probe.calls
+    for record in probe.calls:
+        cond = record["layout"].rows("cond")
+        if not cond or record["bias"] is None:
+            continue
+        q, k = record["q"][cond].double(), record["k"][cond].double()
+        bias = record["bias"].double().expand(len(cond), -1, -1, -1) if record["bias"].shape[0] == 1 else \
+            record["bias"][cond].double()
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1)
+        image = record["image"]
+        h, w = record["grid"]
+        columns = torch.arange(w).repeat(h)
+        for phrase, left in (("red circle", True), ("blue square", False)):
+            inside = (columns < w // 2) if left else (columns >= w // 2)
+            cols = positions[phrase]
+            to_phrase = probs[:, :, image][..., cols]  # generated-image queries -> phrase keys
+            assert bool((to_phrase[:, :, ~inside] == 0).all()) and bool((to_phrase[:, :, inside] > 0).all())
+            from_phrase = probs[:, :, cols][..., image]  # phrase queries -> generated-image keys
+            assert bool((from_phrase[..., ~inside] == 0).all())
+            # reference tokens are not in any region: their queries still see the phrase
+            assert bool((probs[:, :, image.stop:][..., cols] > 0).all())
+
+
+def test_excite_raises_the_weakest_subject(pipe):
+    """The weakest subject's max image->text attention (A&E's loss is 1 minus it), after iterative refinement
+    at step 0 and an update at step 1, against the same run with a negligible step size."""
+    weakest, losses = {}, {}
+    for scale in (1e-6, 20.0):
+        control = Excite(subjects=[["circle", "square"]], thresholds={0: 0.99}, max_refinement_steps=5,
+                         scale_factor=scale, layers=[SINGLE], window={"start": 0.0, "stop": 0.5})
+        with apply(pipe, control) as session:
+            pipe(prompt=PROMPT, **kwargs(steps=3))
+        image = session.last_run()["controls"]["excite"]["images"][0]
+        weakest[scale], losses[scale] = min(image["max_attention"].values()), image["loss"]
+    assert weakest[20.0] > weakest[1e-6] + 0.1
+    assert all(strong < weak for strong, weak in zip(losses[20.0], losses[1e-6]))
+
+
+def test_maps_are_the_image_queries_softmax_column(pipe):
+    maps = Maps(words=["circle"], layers=[SINGLE])
+    probe = Probe([SINGLE])
+    with apply(pipe, [maps, probe]) as session:
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        at = session.text_positions(0, "circle")
+    assert len(at) == 1
+    cond = [r for r in probe.calls if r["layout"].has("cond")]
+    record = cond[-1]
+    rows = record["layout"].rows("cond")
+    q, k = record["q"][rows].double(), record["k"][rows].double()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, H, S, S)
+    assert torch.allclose(probs.sum(-1), torch.ones((), dtype=torch.float64))
+    expected = probs[:, :, record["image"], at[0]].mean(dim=1).reshape(1, 8, 8)
+    torch.testing.assert_close(maps.maps["circle"].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_edit_word_swap_runs_on_joint_attention(pipe):
+    edit = Edit()
+    with apply(pipe, edit):
+        out = pipe(prompt=["a red circle", "a blue circle"], **kwargs(steps=2)).images
+    plain = pipe(prompt=["a red circle", "a blue circle"], **kwargs(steps=2)).images
+    assert (out[1] - plain[1]).abs().max() > 1e-4  # the target follows the source's attention
+    torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+def test_selector_naming_a_block_flux2_lacks(pipe):
+    with pytest.raises(AttnctlError, match="transformer_blocks.3"):
+        with apply(pipe, Perturb(layers=["transformer_blocks.3.attn"])):
+            pass
+
+
+def test_inversion_is_refused_naming_the_family(pipe):
+    from attnctl.inversion import invert
+
+    with pytest.raises(ControlError, match="flux2 family"):
+        invert(pipe, reference_image(size=32), "a red circle", steps=2)
+
+
+def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):
+    class Processor:  # FLUX.2 [dev]'s Mistral processor is not a tokenizer attnctl can read words through
+        pass
+
+    adapter = attnctl.engine.Session(pipe).adapter
+    fake = type("Flux2Pipeline", (), {"tokenizer": Processor()})()
+    with pytest.raises(ModelError, match="word-level controls"):
+        adapter.text_segments(fake)
