@@ -40,13 +40,13 @@ def layer_table(model, *, height: int | None = None, width: int | None = None, d
                 vae_factor = getattr(pipe, "vae_scale_factor", 8)
                 denoiser = session.denoiser
                 sample = getattr(denoiser.config, "sample_size", 64)
-                default = int(sample) * vae_factor if family != "flux" else 1024
+                default = int(sample) * vae_factor if family not in ("flux", "flux2", "chroma") else 1024
             height, width = height or default, width or default
         kwargs = dict(num_inference_steps=1, height=height, width=width, output_type="latent")
-        if family == "flux":
+        if family in ("flux", "flux2", "chroma"):
             kwargs["max_sequence_length"] = 64 if isinstance(model, str) and model.startswith("tiny:") else 512
         with torch.no_grad():
-            pipe("layers", **kwargs)
+            pipe(prompt="layers", **kwargs)
         sites = session.sites
     rows = []
     for site in sites:

@@ -14,10 +14,10 @@ import torch
 from .errors import ModelError
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma")
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -181,7 +181,13 @@ def _flux2(tokenizer):
     return flux2_klein()
 
 
-_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2}
+def _chroma(tokenizer):
+    from .testing_chroma import chroma  # T5 only: its own tokenizer
+
+    return chroma()
+
+
+_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "chroma": _chroma}
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -216,6 +222,9 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
     if family == "flux":
         kwargs["max_sequence_length"] = 32
         kwargs["guidance_scale"] = 3.5
+    elif family == "chroma":
+        kwargs["max_sequence_length"] = 32
+        kwargs["guidance_scale"] = 4.0
     elif family == "flux2":
         kwargs["max_sequence_length"] = 32  # the chat turn's 14 tokens + the prompt + padding
         kwargs["guidance_scale"] = 4.0

@@ -6,6 +6,7 @@ from ..errors import ModelError
 from .base import KINDS, Adapter, Site, TextSegment
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .chroma import ChromaAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
 
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "sd3": SD3Adapter,
     "flux": FluxAdapter,
     "flux2": Flux2Adapter,
+    "chroma": ChromaAdapter,
 }
 
 FAMILY_NAMES = {
@@ -24,6 +26,7 @@ FAMILY_NAMES = {
     "sd3": "Stable Diffusion 3 / 3.5 (MM-DiT)",
     "flux": "FLUX (MM-DiT)",
     "flux2": "FLUX.2 [dev] / [klein] (MM-DiT)",
+    "chroma": "Chroma (FLUX-derived MM-DiT, T5 only)",
 }
 
 

@@ -19,11 +19,13 @@ from ..errors import AttnctlError, did_you_mean
 # (height, width, steps) per family: at least ~20 ms per step on 2 cores; the embedded models as users run them.
 # Step counts are multiples of 5, so a window of the first 20% (bench pipeline's cfg+pag[0-0.2]) is exactly 20%.
 SIZES = {"sd15": (96, 96, 5), "sdxl": (128, 128, 5), "sd3": (96, 96, 5), "flux": (192, 192, 5),
+         "flux2": (192, 192, 5), "chroma": (192, 192, 5),
          "shapes": (64, 64, 25), "shapes-dit": (64, 64, 25)}
 QUICK = {"sd15": (32, 32, 2), "sdxl": (32, 32, 2), "sd3": (32, 32, 2), "flux": (32, 32, 2),
+         "flux2": (32, 32, 2), "chroma": (32, 32, 2),
          "shapes": (64, 64, 2), "shapes-dit": (64, 64, 2)}
 EMBEDDED = ("shapes", "shapes-dit")
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", *EMBEDDED)
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", *EMBEDDED)
 
 
 def check_families(families) -> list[str]:

@@ -50,6 +50,7 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
     "sd3": ["transformer_blocks.1"],
     "flux": ["single_transformer_blocks.0"],
     "flux2": ["single_transformer_blocks.0"],
+    "chroma": ["single_transformer_blocks.0"],
 }
 
 # Sites an identity map makes sense at: the query and key sequences are the same tokens.
