@@ -152,9 +152,10 @@ def test_train_verb_smoke_and_resume(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["train", "shapes", "--out", str(out), "--tiny", "--quiet", "--device", "cpu",
-                 "--set", "steps=2"]) == 0
+                 "--set", "steps=2", "--set", "lr=3e-4"]) == 0
     state = torch.load(out / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["config"]["steps"] == 2
+    assert state["config"]["lr"] == 3e-4  # "3e-4" is a string to YAML 1.1; the option still reads as a number
     assert "pipeline in" in capsys.readouterr().out
     import attnctl
 
