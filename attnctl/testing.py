@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from .errors import ModelError
+from .tiny_qwen import tiny_qwenimage
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "qwenimage")
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "qwenimage": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -175,7 +176,8 @@ def _flux(tokenizer):
     )
 
 
-_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux,
+             "qwenimage": lambda _: tiny_qwenimage()}  # Qwen families build their own tokenizer
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -210,6 +212,8 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
     if family == "flux":
         kwargs["max_sequence_length"] = 32
         kwargs["guidance_scale"] = 3.5
+    elif family == "qwenimage":  # not guidance-distilled: true CFG, the negative prompt in a second call per step
+        kwargs.update(true_cfg_scale=4.0, negative_prompt="", guidance_scale=None)
     else:
         kwargs["guidance_scale"] = 5.0
     kwargs.update(overrides)

@@ -41,8 +41,19 @@ def find_phrase(tokenizer, prompt: str, phrase: str, max_length: int | None = No
     if not phrase.strip() or not phrase_ids:
         raise TokenError(f"empty phrase {phrase!r}: name a word of the prompt")
     prompt_ids = _ids(tokenizer, prompt, max_length, special=True)
-    n = len(phrase_ids)
-    starts = [i for i in range(len(prompt_ids) - n + 1) if prompt_ids[i : i + n] == phrase_ids]
+    # Byte-level BPE (Qwen's, GPT-2's) spells a word after a space differently from the same word alone
+    # ("Ġcat" vs "cat"): the phrase matches in either spelling.
+    spellings = [phrase_ids]
+    spaced = _ids(tokenizer, " " + phrase.strip(), None, special=False)
+    if spaced != phrase_ids:
+        spellings.append(spaced)
+    found = {}
+    for ids in spellings:
+        n = len(ids)
+        for i in range(len(prompt_ids) - n + 1):
+            if prompt_ids[i : i + n] == ids:
+                found.setdefault(i, n)
+    starts = sorted(found)
     if not starts:
         raise TokenError(
             f"{phrase!r} is not in the prompt {prompt!r}. The prompt tokenizes as: "
@@ -55,4 +66,4 @@ def find_phrase(tokenizer, prompt: str, phrase: str, max_length: int | None = No
                 f"{phrase!r} occurs {len(starts)} time(s) in {prompt!r}; #{occurrence} does not exist"
             )
         starts = [starts[occurrence - 1]]
-    return [s + j for s in starts for j in range(n)]
+    return [s + j for s in starts for j in range(found[s])]

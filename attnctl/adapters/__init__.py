@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import ModelError
 from .base import KINDS, Adapter, Site, TextSegment
 from .flux import FluxAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
 
@@ -14,6 +15,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "sd15": UNetAdapter,
     "sd3": SD3Adapter,
     "flux": FluxAdapter,
+    "qwenimage": QwenImageAdapter,
 }
 
 FAMILY_NAMES = {
@@ -21,6 +23,7 @@ FAMILY_NAMES = {
     "sdxl": "Stable Diffusion XL (UNet)",
     "sd3": "Stable Diffusion 3 / 3.5 (MM-DiT)",
     "flux": "FLUX (MM-DiT)",
+    "qwenimage": "Qwen-Image (MM-DiT)",
 }
 
 

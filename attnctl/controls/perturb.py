@@ -49,6 +49,7 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
     "sdxl": ["mid_block"],
     "sd3": ["transformer_blocks.1"],
     "flux": ["single_transformer_blocks.0"],
+    "qwenimage": ["transformer_blocks.1"],
 }
 
 # Sites an identity map makes sense at: the query and key sequences are the same tokens.
