@@ -212,8 +212,8 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
     if family == "flux":
         kwargs["max_sequence_length"] = 32
         kwargs["guidance_scale"] = 3.5
-    elif family == "qwenimage":  # not guidance-distilled: true CFG, the negative prompt in a second call per step
-        kwargs.update(true_cfg_scale=4.0, negative_prompt="", guidance_scale=None)
+    elif family == "qwenimage":  # one call per step; true CFG (negative_prompt, true_cfg_scale > 1) adds a second
+        kwargs.update(guidance_scale=None, true_cfg_scale=1.0)  # not guidance-distilled
     else:
         kwargs["guidance_scale"] = 5.0
     kwargs.update(overrides)

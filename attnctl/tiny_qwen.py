@@ -136,7 +136,7 @@ def tiny_qwenimage(tokenizer=None):
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
-        shift_terminal=0.02, time_shift_type="exponential",
+        time_shift_type="exponential",
     )
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
