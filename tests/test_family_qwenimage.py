@@ -217,3 +217,10 @@ def test_a_call_of_unknown_kind_is_a_layout_error(pipe):
                 pipe("a cat", **tiny_call_kwargs("qwenimage", steps=1))
             finally:
                 pipe.transformer.forward = original
+
+
+def test_inverting_a_real_image_says_the_family_is_not_supported(pipe):
+    from attnctl.inversion import invert
+
+    with pytest.raises(AttnctlError, match="does not support the qwenimage family.*AutoencoderKLQwenImage"):
+        invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
