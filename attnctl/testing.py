@@ -14,10 +14,10 @@ import torch
 from .errors import ModelError
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage")
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32, "qwenimage": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -187,7 +187,14 @@ def _chroma(tokenizer):
     return chroma()
 
 
-_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "chroma": _chroma}
+def _qwenimage(tokenizer):
+    from .testing_qwenimage import tiny_qwenimage  # a Qwen2.5-VL text encoder: its own tokenizer
+
+    return tiny_qwenimage()
+
+
+_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "chroma": _chroma,
+             "qwenimage": _qwenimage}
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -228,6 +235,8 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
     elif family == "flux2":
         kwargs["max_sequence_length"] = 32  # the chat turn's 14 tokens + the prompt + padding
         kwargs["guidance_scale"] = 4.0
+    elif family == "qwenimage":  # one call per step; true CFG (negative_prompt, true_cfg_scale > 1) adds a second
+        kwargs.update(guidance_scale=None, true_cfg_scale=1.0)  # not guidance-distilled
     else:
         kwargs["guidance_scale"] = 5.0
     kwargs.update(overrides)

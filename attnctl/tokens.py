@@ -41,13 +41,18 @@ def find_phrase(tokenizer, prompt: str, phrase: str, max_length: int | None = No
     if not phrase.strip() or not phrase_ids:
         raise TokenError(f"empty phrase {phrase!r}: name a word of the prompt")
     prompt_ids = _ids(tokenizer, prompt, max_length, special=True)
-    # Byte-level BPEs (Qwen's) spell a word after a space differently ("Ġcat") from one that starts the text.
-    spaced_ids = _ids(tokenizer, " " + phrase.strip(), None, special=False)
+    # Byte-level BPE (Qwen's, GPT-2's) spells a word after a space differently from the same word alone
+    # ("Ġcat" vs "cat"): the phrase matches in either spelling.
+    spellings = [phrase_ids]
+    spaced = _ids(tokenizer, " " + phrase.strip(), None, special=False)
+    if spaced != phrase_ids:
+        spellings.append(spaced)
     found = {}
-    for ids in (phrase_ids, spaced_ids):
-        for i in range(len(prompt_ids) - len(ids) + 1):
-            if prompt_ids[i : i + len(ids)] == ids:
-                found.setdefault(i, len(ids))
+    for ids in spellings:
+        n = len(ids)
+        for i in range(len(prompt_ids) - n + 1):
+            if prompt_ids[i : i + n] == ids:
+                found.setdefault(i, n)
     starts = sorted(found)
     if not starts:
         raise TokenError(

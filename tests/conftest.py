@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# The families every generic test runs on; FLUX.2 and Chroma have their own files (tests/test_family_*.py).
-GENERIC_FAMILIES = tuple(f for f in TINY_FAMILIES if f in ("sd15", "sdxl", "sd3", "flux"))
+# The families every generic test runs on (prompt as first argument); FLUX.2 and Chroma have their own files (tests/test_family_*.py).
+GENERIC_FAMILIES = tuple(f for f in TINY_FAMILIES if f in ("sd15", "sdxl", "sd3", "flux", "qwenimage"))
 
 
 @pytest.fixture(params=GENERIC_FAMILIES)

@@ -356,7 +356,8 @@ class LateGuide(ToyGuide):
 
 JOINS = {"sd15": ("mid_block", "down_blocks.1"), "sdxl": ("mid_block", "down_blocks.1"),
          "sd3": ("transformer_blocks.1", "transformer_blocks.0"),
-         "flux": ("single_transformer_blocks.0", "transformer_blocks.0")}
+         "flux": ("single_transformer_blocks.0", "transformer_blocks.0"),
+         "qwenimage": ("transformer_blocks.1", "transformer_blocks.0")}
 
 
 def _rows_per_block(session):
@@ -377,7 +378,7 @@ def test_extra_rows_join_at_the_first_hooked_block(family):
     late, _ = JOINS[family]
 
     def kwargs():  # a fresh seeded generator per call
-        extra = (dict(true_cfg_scale=4.0, negative_prompt="a blue square") if family == "flux"
+        extra = (dict(true_cfg_scale=4.0, negative_prompt="a blue square") if family in ("flux", "qwenimage")
                  else dict(guidance_scale=5.0))
         return dict(tiny_call_kwargs(family, output_type="latent"), prompt="a red circle", **extra)
 

@@ -1,5 +1,7 @@
 """Map capture reads the word's own token column on every family, at non-square sizes."""
 
+import inspect
+
 import torch
 from PIL import Image
 
@@ -13,7 +15,8 @@ from attnctl.heatmap import overlay
 # attention); SD3's joint attention concatenates [image, text] tokens, FLUX's [text, image].
 LAYER = {"sd15": "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
          "sdxl": "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
-         "sd3": "transformer_blocks.0.attn", "flux": "transformer_blocks.0.attn"}
+         "sd3": "transformer_blocks.0.attn", "flux": "transformer_blocks.0.attn",
+         "qwenimage": "transformer_blocks.0.attn"}
 PROMPT = "a red circle"
 
 
@@ -39,7 +42,12 @@ def _record_attention(pipe, family, kwargs) -> list[tuple[torch.Tensor, torch.Te
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
 
-    module.set_processor(recording)
+    class Recording:  # Attention.forward drops the kwargs its processor's signature does not name: name them all
+        def __call__(self, *args, **kw):
+            return recording(*args, **kw)
+
+    Recording.__call__.__signature__ = inspect.signature(type(inner).__call__)
+    module.set_processor(Recording())
     try:
         pipe(PROMPT, **kwargs)
     finally:
@@ -50,6 +58,8 @@ def _record_attention(pipe, family, kwargs) -> list[tuple[torch.Tensor, torch.Te
 def _token_position(pipe, family, word: str) -> int:
     """``word``'s index among the text keys, read from the tokenizer that feeds them (CLIP; FLUX's T5)."""
     tokenizer = pipe.tokenizer_2 if family == "flux" else pipe.tokenizer
+    if family == "qwenimage":  # byte-level BPE: a word inside the prompt carries its space ("Ġcircle")
+        word = " " + word
     (token,) = tokenizer.encode(word, add_special_tokens=False)
     return tokenizer(PROMPT).input_ids.index(token)
 
@@ -58,8 +68,8 @@ def _explicit_map(query, key, family, n_image: int, position: int) -> torch.Tens
     """softmax(q k^T / sqrt(d)) of the conditional (last) row, image queries -> text key ``position``, averaged
     over heads: (n_image,)."""
     probs = torch.softmax(query[-1] @ key[-1].transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1).mean(dim=0)
-    n_text = key.shape[2] - (n_image if family in ("sd3", "flux") else 0)
-    image_rows = slice(n_text, None) if family == "flux" else slice(0, n_image)
+    n_text = key.shape[2] - (n_image if family in ("sd3", "flux", "qwenimage") else 0)
+    image_rows = slice(n_text, None) if family in ("flux", "qwenimage") else slice(0, n_image)
     text_offset = {"sd3": n_image, "flux": 0}.get(family, 0)
     return probs[image_rows, text_offset + position]
 

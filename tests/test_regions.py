@@ -20,7 +20,7 @@ from attnctl.testing import tiny_call_kwargs, tiny_pipeline
 PROMPT = "a red circle and a blue square"
 RED, BLUE = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 0.5]  # left half; top-right quarter
 REGIONS = [{"phrase": "red circle", "box": RED}, {"phrase": "blue square", "box": BLUE}]
-SIZES = {"sd15": (32, 64), "sdxl": (64, 32), "sd3": (32, 64), "flux": (64, 32)}  # (height, width), non-square
+SIZES = {"sd15": (32, 64), "sdxl": (64, 32), "sd3": (32, 64), "flux": (64, 32), "qwenimage": (32, 64)}  # (height, width), non-square
 
 
 def _kwargs(family, **overrides):
@@ -80,7 +80,7 @@ def test_hard_mask_zero_weight_outside_each_family(family):
     with apply(pipe, [Regions(regions=REGIONS, mode="hard", window={"start": 0, "stop": 1}), spy]):
         pipe(PROMPT, **_kwargs(family))
     assert spy.records
-    joint = family in ("sd3", "flux")
+    joint = family in ("sd3", "flux", "qwenimage")
     for record in spy.records:
         cond = [i for i, b in enumerate(record["branches"]) if b == "cond"]
         uncond = [i for i, b in enumerate(record["branches"]) if b == "uncond"]

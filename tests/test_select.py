@@ -55,7 +55,7 @@ def test_every_family_selects_its_own_layers(pipe, family):
     for name in names:  # a full name selects exactly itself
         assert list(select(sites, name)) == [name]
     expected_kinds = {"sd15": {"self", "cross"}, "sdxl": {"self", "cross"}, "sd3": {"joint", "self"},
-                      "flux": {"joint", "single"}}[family]
+                      "flux": {"joint", "single"}, "qwenimage": {"joint"}}[family]
     assert {s.kind for s in sites} == expected_kinds
     first_block = ".".join(names[0].split(".")[:2])
     assert all(n.startswith(first_block + ".") for n in select(sites, first_block))

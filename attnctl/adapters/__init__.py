@@ -7,6 +7,7 @@ from .base import KINDS, Adapter, Site, TextSegment
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .chroma import ChromaAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
 
@@ -18,6 +19,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "flux": FluxAdapter,
     "flux2": Flux2Adapter,
     "chroma": ChromaAdapter,
+    "qwenimage": QwenImageAdapter,
 }
 
 FAMILY_NAMES = {
@@ -27,6 +29,7 @@ FAMILY_NAMES = {
     "flux": "FLUX (MM-DiT)",
     "flux2": "FLUX.2 [dev] / [klein] (MM-DiT)",
     "chroma": "Chroma (FLUX-derived MM-DiT, T5 only)",
+    "qwenimage": "Qwen-Image (MM-DiT)",
 }
 
 

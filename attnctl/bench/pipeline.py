@@ -70,7 +70,7 @@ class BenchContext:
     def kwargs(self, cfg: bool = True, **overrides) -> dict:
         kwargs = call_kwargs(self.family, self.steps, self.height, self.width)
         kwargs["prompt"] = PROMPT
-        if self.family == "flux":  # guidance-distilled: CFG means true CFG with a negative prompt
+        if self.family in ("flux", "qwenimage"):  # CFG as true CFG: a negative prompt, a second call per step
             if cfg:
                 kwargs.update(true_cfg_scale=4.0, negative_prompt=NEGATIVE)
         else:

@@ -64,7 +64,7 @@ class Control:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[StrictOptions]] = StrictOptions
-    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma")
+    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage")
     takes_all_prompts: ClassVar[bool] = False  # attnctl run: one item per seed holding every prompt
 
     def __init__(self, options: StrictOptions | dict | None = None, **kwargs: Any):

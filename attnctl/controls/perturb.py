@@ -51,6 +51,7 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
     "flux": ["single_transformer_blocks.0"],
     "flux2": ["single_transformer_blocks.0"],
     "chroma": ["single_transformer_blocks.0"],
+    "qwenimage": ["transformer_blocks.1"],
 }
 
 # Sites an identity map makes sense at: the query and key sequences are the same tokens.

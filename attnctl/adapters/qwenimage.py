@@ -1,0 +1,103 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``): double-stream MM-DiT blocks over [text; image].
+
+Every block's ``attn`` is joint attention: ``QwenDoubleStreamAttnProcessor2_0`` (or a subclass the user set)
+projects the text and image streams separately, applies RoPE and calls ``dispatch_attention_fn`` once on the
+concatenated [text; image] sequence, (B, S, H, D), with a boolean key mask when the prompts of a batch have
+different lengths. A control sees that call; a call no control acts on goes to the chosen backend unchanged.
+
+Batch layout: ``QwenImagePipeline`` runs true CFG as two calls per step, the prompt's under
+``transformer.cache_context("cond")`` and the negative prompt's under ``"uncond"`` (every Qwen-Image pipeline of
+diffusers names its calls this way), so the cond call takes PAG's extra rows and the uncond call the guidance delta
+the cond rows took. The pipeline rescales the true-CFG result to the cond prediction's norm
+(``comb * |cond| / |comb|``); with PAG folded into both rows that rescale sees ``cond + delta``.
+
+Image tokens: ``img_shapes[0]`` lists the (frames, height, width) token grids of the image stream; the first is the
+image being generated. Qwen-Image-Edit appends the reference image's latents after it (``img_shapes`` then holds
+two grids), so the image span controls see is the generated grid only: maps, regions and excite read and act on
+the generated image's queries, while its reference tokens stay ordinary keys.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+from .. import layouts
+from ..errors import LayoutError
+from ..intercept import Tokens
+from .base import Adapter, TextSegment, n_tokens
+
+
+class QwenImageAdapter(Adapter):
+    family = "qwenimage"
+    denoiser_attr = "transformer"
+    latent_arg = "hidden_states"
+    unbatched_args = frozenset({"img_shapes"})
+    timestep_scale = 1000.0  # QwenImagePipeline passes t / 1000
+    denoiser_class = "diffusers:QwenImageTransformer2DModel"
+    block_attrs = ("transformer_blocks",)
+    tail_attrs = ("norm_out",)  # norm_out(hidden_states, temb)
+    block_unbatched_args = frozenset({"image_rotary_emb"})  # (image freqs, text freqs) per token, shared by rows
+    late_rows_blockers = frozenset({"controlnet_block_samples"})
+    layout_kinds = (layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
+
+    def kind_of(self, module):
+        return "joint"
+
+    def tokens(self, site, inputs, frame):
+        n_image = n_tokens(inputs["hidden_states"])
+        text = inputs["encoder_hidden_states"]
+        n_text = int(text.shape[1]) if text is not None else 0
+        total = n_text + n_image
+        generated = n_image
+        grids = self._grids(frame.params if frame is not None else {})
+        if grids:
+            generated = min(n_image, prod(grids[0]))
+        return Tokens(slice(0, n_text) if n_text else None, slice(n_text, n_text + generated), total, total)
+
+    @staticmethod
+    def _grids(params: dict) -> list[tuple[int, ...]]:
+        """The (frames, height, width) token grids of the first sample's image stream (``img_shapes[0]``)."""
+        shapes = params.get("img_shapes")
+        if not shapes:
+            return []
+        first = shapes[0]
+        grids = first if isinstance(first, list) else [first]
+        return [tuple(int(x) for x in grid) for grid in grids]
+
+    def latent_hw(self, params):
+        grids = self._grids(params)
+        if not grids:
+            return None
+        _, height, width = grids[0]
+        return height, width
+
+    def call_kind(self, call):
+        """Qwen-Image pipelines name their calls with ``transformer.cache_context("cond" | "uncond")``. A call
+        inside a pipeline call without one is matched by its text embeddings: the first ``encode_prompt`` result
+        (the prompt) is cond, the second (the negative prompt) uncond. Anything else is a ``LayoutError``."""
+        if not call.in_pipeline:
+            return layouts.OUTSIDE
+        by_context = {"cond": layouts.COND_BATCH, "uncond": layouts.UNCOND_CALL}
+        if call.context is not None:
+            if call.context not in by_context:
+                raise LayoutError(f"{call.describe()} in cache_context {call.context!r}: allowed contexts are "
+                                  "'cond' and 'uncond'")
+            return by_context[call.context]
+        by_source = {0: layouts.COND_BATCH, 1: layouts.UNCOND_CALL}
+        if call.text_source not in by_source:
+            raise LayoutError(f"{call.describe()}: no cache_context names it and its encoder_hidden_states are "
+                              "neither the prompt's nor the negative prompt's embeddings from this pipeline call; "
+                              "expected a cond call or a true-CFG uncond call")
+        return by_source[call.text_source]
+
+    def text_segments(self, pipe):
+        """The text span holds the Qwen2.5-VL encoding of the prompt template with its system prefix dropped
+        (``prompt_template_encode_start_idx`` tokens); the prompt's own tokens start where that prefix ends."""
+        tokenizer = pipe.tokenizer
+        template = getattr(pipe, "prompt_template_encode", None)
+        dropped = int(getattr(pipe, "prompt_template_encode_start_idx", 0) or 0)
+        offset = 0
+        if template and "{}" in template:
+            prefix = template.split("{}", 1)[0]
+            offset = len(tokenizer(prefix, add_special_tokens=False).input_ids) - dropped
+        return [TextSegment(tokenizer, offset, None)]

@@ -1,0 +1,142 @@
+"""Tiny offline pipelines of the Qwen-Image and Z-Image families, and the Qwen tokenizer they need.
+
+Both families encode prompts with a Qwen language model (Qwen-Image: Qwen2.5-VL, Z-Image: Qwen3) whose byte-level
+BPE tokenizer cannot be downloaded here. ``build_qwen_tokenizer`` makes a ``Qwen2Tokenizer`` from a word list: each
+word is one token (with and without the leading space byte, ``"Ġcat"`` and ``"cat"``), every other text still
+tokenizes through the 256 byte symbols, and ``<|im_start|>``/``<|im_end|>`` are special tokens. The words
+include those of Qwen-Image's prompt template, whose system prefix the pipeline drops by a fixed count of 34
+tokens (``prompt_template_encode_start_idx``): with this tokenizer that prefix is 34 tokens too, as with the real
+one. The chat template is the one Z-Image's pipeline calls (``apply_chat_template`` with a generation prompt):
+``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``.
+
+``attnctl.testing.tiny_pipeline("qwenimage" | "zimage")`` builds these; the builders live here so that the
+family's pieces stay in one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .tokenizers import DEFAULT_WORDS
+
+# Qwen-Image's prompt template (pipeline_qwenimage.py: prompt_template_encode), word by word.
+QWEN_TEMPLATE_WORDS = (
+    "system user assistant Describe the image by detailing color shape size texture quantity text spatial "
+    "relationships of objects and background"
+).split()
+
+# Z-Image's pipeline renders each prompt through the tokenizer's chat template (Qwen3's, generation prompt on).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _byte_level(text: str) -> str:
+    from tokenizers.pre_tokenizers import ByteLevel  # noqa: F401  (the alphabet below is ByteLevel's)
+
+    table = _byte_table()
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def _byte_table() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def build_qwen_tokenizer(words: Iterable[str] = tuple(DEFAULT_WORDS) + tuple(QWEN_TEMPLATE_WORDS),
+                         model_max_length: int = 4096):
+    """A ``Qwen2Tokenizer`` (byte-level BPE) in which each of ``words``, bare or after a space, is one token."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    alphabet = sorted(set(_byte_table().values()))
+    vocab: dict[str, int] = {}
+    for symbol in alphabet:
+        vocab.setdefault(symbol, len(vocab))
+    targets = []
+    for word in dict.fromkeys(words):
+        targets += [_byte_level(word), _byte_level(" " + word)]
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for target in targets:
+        current = target[0]
+        for char in target[1:]:
+            pair = (current, char)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            current += char
+            vocab.setdefault(current, len(vocab))
+
+    def build():
+        tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+        tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL[1:]])
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+        return tokenizer
+
+    # An early merge of one word can split another: join whatever pieces are left, lowest priority, until every
+    # target is one token (as attnctl.tokenizers does for CLIP).
+    for _ in range(8):
+        tokenizer = build()
+        broken = {t: tokenizer._tokenizer.model.tokenize(t) for t in targets}
+        broken = {t: [p.value for p in pieces] for t, pieces in broken.items() if len(pieces) != 1}
+        if not broken:
+            return tokenizer
+        for pieces in broken.values():
+            current = pieces[0]
+            for piece in pieces[1:]:
+                if (current, piece) not in seen:
+                    seen.add((current, piece))
+                    merges.append((current, piece))
+                current += piece
+                vocab.setdefault(current, len(vocab))
+    raise ValueError(f"cannot build whole-word tokens for {sorted(broken)}")
+
+
+def tiny_qwenimage(tokenizer=None):
+    """A random ``QwenImagePipeline``: 2 double-stream blocks of 4 heads x 8 dims, a 2-layer Qwen2.5-VL text
+    encoder, a 2-level Qwen-Image VAE (latents 1/4 of the pixels, packed 2x2). Run it at 32x32 pixels."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tokenizer or build_qwen_tokenizer()
+    z_dim = 4
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+    )
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0])
+    special = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    text_config.update(bos_token_id=special[0], eos_token_id=special[1], pad_token_id=special[0])
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, vocab_size=len(tokenizer),
+                              hidden_size=32)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)

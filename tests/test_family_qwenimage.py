@@ -1,0 +1,226 @@
+"""Qwen-Image on the tiny random pipeline: stock equality, the true-CFG layout, each control as defined, bad input.
+
+The family-parametrised tests (test_engine*, test_maps, test_regions, test_perturb, test_excite, test_interpolate,
+test_edit, test_select) also run on ``tiny:qwenimage``; this file covers what is particular to Qwen-Image: true
+CFG as a second call per step, prompts of different lengths (a boolean key mask inside the joint attention), the
+prompt template's dropped prefix, and errors naming this family.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from attnctl.controls.base import Control
+from attnctl.controls.excite import Excite
+from attnctl.controls.maps import Maps
+from attnctl.controls.perturb import Perturb
+from attnctl.controls.regions import Regions
+from attnctl.engine import apply
+from attnctl.errors import AttnctlError, LayoutError
+from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+
+PROMPTS = ["a red circle and a blue square", "a cat"]  # different lengths: the processor masks the padding
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("qwenimage")
+
+
+def kwargs(**overrides):
+    """True CFG (negative prompt, scale 4): two transformer calls per step."""
+    return tiny_call_kwargs("qwenimage", **{"negative_prompt": "a tree", "true_cfg_scale": 4.0, **overrides})
+
+
+class Recorder(Control):
+    """Hooks the given sites (default: all), changes nothing, records each call's q, k, v, output and layout."""
+
+    name = "recorder"
+
+    def __init__(self, sites=None):
+        super().__init__()
+        self.wanted, self.records = sites, []
+
+    def bind(self, session):
+        return {s.name: None for s in session.sites if self.wanted is None or s.name in self.wanted}
+
+    def on_attention(self, call):
+        record = {"site": call.site.name, "q": call.q, "k": call.k, "v": call.v, "bias": call.bias,
+                  "branches": call.layout.branches, "text": call.text, "image": call.image, "grid": call.grid}
+        call.then(lambda out: record.__setitem__("out", out) or out)
+        self.records.append(record)
+
+
+def test_no_control_equals_stock_with_true_cfg_and_masked_prompts(pipe):
+    """Under apply with no control the latents equal stock diffusers bit for bit (torch.equal); with a control
+    that sees every attention call (so every call goes through attnctl's attention) and changes nothing they are
+    within 1e-5: two prompts of different lengths (a key mask in every call) and true CFG's second call."""
+    stock = pipe(PROMPTS, **kwargs()).images
+    with apply(pipe, []):
+        assert torch.equal(pipe(PROMPTS, **kwargs()).images, stock)
+    recorder = Recorder()
+    with apply(pipe, recorder):
+        seen = pipe(PROMPTS, **kwargs()).images
+    assert (seen - stock).abs().max() <= 1e-5
+    # Every call of every site went through the control: 2 sites x 3 steps x (cond call + uncond call).
+    assert len(recorder.records) == 2 * 3 * 2
+    assert {r["branches"] for r in recorder.records} == {("cond", "cond"), ("uncond", "uncond")}
+    # The two prompts differ in length, so the cond calls carry the processor's boolean key mask to the control.
+    assert all(r["bias"].dtype == torch.bool for r in recorder.records if r["branches"][0] == "cond")
+
+
+def test_text_span_and_token_positions(pipe):
+    """The text span is the template's encoding minus its 34-token system prefix: a word's position in it is its
+    position in the prompt, and the keys there are the text encoder's features of that token."""
+    recorder = Recorder(["transformer_blocks.0.attn"])
+    maps = Maps(words=["square", "circle"], layers=["transformer_blocks.0.attn"])
+    with apply(pipe, [maps, recorder]) as session:
+        pipe(PROMPTS[0], **tiny_call_kwargs("qwenimage", steps=1))
+        positions = {w: session.text_positions(0, w) for w in ("red circle", "square")}
+    ids = pipe.tokenizer(PROMPTS[0]).input_ids
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids)
+    assert positions == {"red circle": [tokens.index("Ġred"), tokens.index("Ġcircle")],
+                         "square": [tokens.index("Ġsquare")]}
+    (record,) = recorder.records
+    embeds, _ = pipe.encode_prompt(PROMPTS[0])
+    assert record["text"] == slice(0, embeds.shape[1]) and record["image"].start == embeds.shape[1]
+    assert tuple(record["grid"]) == (4, 4)  # 32 px: 8x8 latents packed 2x2
+
+
+@pytest.mark.parametrize("mode", ["full", "image"])
+def test_head_level_pag_changes_only_the_chosen_heads(pipe, mode):
+    """Perturbing head 1 of block 1: on the perturbed rows, heads 0, 2, 3 give exactly the cond rows' outputs;
+    head 1 gives the identity (mode full: v; mode image: image queries see only the text keys and themselves)."""
+    recorder = Recorder(["transformer_blocks.1.attn"])
+    control = Perturb(layers=["transformer_blocks.1.attn:heads=1"], scale=3.0, mode=mode)
+    with apply(pipe, [control, recorder]) as session:
+        pipe(PROMPTS[0], **kwargs(steps=2))
+    assert session.last_run()["controls"]["perturb"]["steps"] == [0, 1]
+    guided = [r for r in recorder.records if "perturb" in r["branches"]]
+    assert len(guided) == 2 and all(r["branches"] == ("cond", "perturb") for r in guided)
+    uncond = [r for r in recorder.records if "uncond" in r["branches"]]
+    assert len(uncond) == 2 and all(r["branches"] == ("uncond",) for r in uncond)  # true CFG's call: no rows added
+    for record in guided:
+        out, q, k, v = (record[n].double() for n in ("out", "q", "k", "v"))
+        others = [0, 2, 3]
+        assert torch.equal(record["out"][1, others], record["out"][0, others])
+        assert (out[1, 1] - out[0, 1]).abs().max() > 1e-3
+        if mode == "full":
+            expected = v[1, 1]
+        else:  # float64 reference: a dense mask keeping text keys and each image query's own key
+            text = record["text"]
+            seq = q.shape[2]
+            keep = torch.zeros(seq, seq, dtype=torch.bool)
+            keep[:, text] = True
+            keep[text, :] = True
+            keep |= torch.eye(seq, dtype=torch.bool)
+            scores = (q[1, 1] @ k[1, 1].T) / q.shape[-1] ** 0.5
+            expected = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ v[1, 1]
+        torch.testing.assert_close(out[1, 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pag_guides_with_true_cfg_and_scale_zero_is_plain(pipe):
+    plain = pipe(PROMPTS[0], **kwargs()).images
+    with apply(pipe, Perturb(layers=["transformer_blocks.1"], scale=0.0)):
+        assert torch.equal(pipe(PROMPTS[0], **kwargs()).images, plain)
+    with apply(pipe, Perturb(layers=["transformer_blocks.1"], scale=3.0)):
+        guided = pipe(PROMPTS[0], **kwargs()).images
+    assert (guided - plain).abs().max() > 1e-3
+
+
+def test_regions_confine_a_phrase_to_its_box_in_both_prompt_lengths(pipe):
+    """Hard regions: image queries outside a phrase's box give that phrase's tokens zero weight, inside positive,
+    in the cond call; true CFG's uncond call is untouched."""
+    recorder = Recorder(["transformer_blocks.0.attn"])
+    regions = Regions(regions=[{"phrase": "red circle", "box": [0.0, 0.0, 0.5, 1.0]}], mode="hard",
+                      window={"start": 0.0, "stop": 1.0})
+    with apply(pipe, [regions, recorder]) as session:
+        pipe(PROMPTS[0], **kwargs(steps=1, height=32, width=64))
+        columns = session.text_positions(0, "red circle")
+    cond = [r for r in recorder.records if r["branches"] == ("cond",)]
+    uncond = [r for r in recorder.records if r["branches"] == ("uncond",)]
+    assert len(cond) == 1 and len(uncond) == 1
+    (record,) = cond
+    h, w = record["grid"]
+    assert (h, w) == (4, 8)
+    q, k = record["q"].double(), record["k"].double()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    # The control's own bias is what the call computed with: rebuild the probabilities from it.
+    bias = record["bias"]
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=torch.float64).masked_fill(~bias, float("-inf"))
+    probs = torch.softmax(scores + bias.double(), dim=-1)
+    image = record["image"]
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[:, : w // 2] = True
+    to_phrase = probs[0, :, image][:, :, columns]  # (H, S_img, len(columns))
+    assert bool((to_phrase[:, ~inside.flatten()] == 0).all()) and bool((to_phrase[:, inside.flatten()] > 0).all())
+    assert uncond[0]["bias"] is None  # no region bias on the uncond call (one negative prompt: no key mask either)
+
+
+def test_excite_raises_the_weakest_subjects_attention(pipe):
+    """Attend-and-Excite at step 0 raises the smoothed max attention of the subject that had the least: read by
+    the control before its update, and again by a second run that starts from the latents the update produced."""
+    prompt = "a red circle and a blue square"
+
+    def excite(scale_factor):
+        return Excite(subjects=[["circle", "square"]], window={"start": 0.0, "stop": 0.5}, thresholds={},
+                      scale_factor=scale_factor)
+
+    original, seen = pipe.transformer.forward, []
+
+    @functools.wraps(original)  # the engine binds arguments by the signature of the forward it wraps
+    def spy(*args, **kw):  # the engine calls the forward it found on entry: record the step-0 main call's input
+        if not torch.is_grad_enabled():
+            seen.append(kw["hidden_states"].detach().clone())
+        return original(*args, **kw)
+
+    pipe.transformer.forward = spy
+    try:
+        control = excite(200.0)
+        with apply(pipe, control):
+            pipe(prompt, **tiny_call_kwargs("qwenimage", steps=2))
+    finally:
+        pipe.transformer.forward = original
+    before = [float(x) for x in control.history[0]["max_attention"][0]]
+    weakest = before.index(min(before))
+    probe = excite(1e-9)  # reads the same loss on the updated latents (its own update is negligible)
+    with apply(pipe, probe):
+        pipe(prompt, **tiny_call_kwargs("qwenimage", steps=2, latents=seen[0]))
+    after = [float(x) for x in probe.history[0]["max_attention"][0]]
+    assert after[weakest] > before[weakest] + 1e-4, (before, after)
+
+
+def test_selectors_and_controls_this_family_lacks_are_errors(pipe):
+    with pytest.raises(AttnctlError, match="single_transformer_blocks"):
+        with apply(pipe, Perturb(layers=["single_transformer_blocks.0"])):
+            pass
+    with pytest.raises(AttnctlError, match="transformer_blocks.7"):
+        with apply(pipe, Maps(words=["cat"], layers=["transformer_blocks.7"])):
+            pass
+    with pytest.raises(AttnctlError, match="cross"):
+        with apply(pipe, Maps(words=["cat"], layers=["kind=cross"])):
+            pass
+
+
+def test_a_call_of_unknown_kind_is_a_layout_error(pipe):
+    with apply(pipe, Perturb(layers=["transformer_blocks.1"], scale=3.0)):
+        with pytest.raises(LayoutError, match="cache_context 'other'"):
+            def named_other(*args, **kw):
+                with pipe.transformer.cache_context("other"):
+                    return original(*args, **kw)
+
+            original = pipe.transformer.forward
+            pipe.transformer.forward = named_other
+            try:
+                pipe("a cat", **tiny_call_kwargs("qwenimage", steps=1))
+            finally:
+                pipe.transformer.forward = original
+
+
+def test_inverting_a_real_image_says_the_family_is_not_supported(pipe):
+    from attnctl.inversion import invert
+
+    with pytest.raises(AttnctlError, match="does not support the qwenimage family.*AutoencoderKLQwenImage"):
+        invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
