@@ -252,3 +252,58 @@ def test_per_prompt_negatives_guide_each_prompt_with_its_own():
     second = run("square")
     torch.testing.assert_close(both[0], first[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(both[1], second[1], rtol=0, atol=1e-6)
+
+
+def test_flux_double_and_single_stream_calls_match_explicit_float64():
+    """FLUX (no CFG): block 0's double-stream attention over [text; image] and the first single-stream block's
+    attention over the joined sequence, with RoPE; text first, only the image queries guided."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    pipe = tiny_pipeline("flux")
+    double = pipe.transformer.transformer_blocks[0].attn
+    single = pipe.transformer.single_transformer_blocks[0].attn
+    double_calls, h1 = _record(double)
+    single_calls, h2 = _record(single)
+    try:
+        _run(pipe, "flux", [Nag(negative_prompt=NEGATIVE, scale=3.0, tau=1.05, alpha=0.5)])
+    finally:
+        h1.remove()
+        h2.remove()
+
+    def project(ref, x, c, rope):
+        """q, k, v (B, H, S, D) of the sequence [c; x] (c None: x is the joined sequence already)."""
+        q, k, v = (f(x).unflatten(-1, (-1, ref.head_dim)) for f in (ref.to_q, ref.to_k, ref.to_v))
+        q, k = ref.norm_q(q), ref.norm_k(k)
+        if c is not None:
+            cq, ck, cv = (f(c).unflatten(-1, (-1, ref.head_dim)) for f in (ref.add_q_proj, ref.add_k_proj,
+                                                                           ref.add_v_proj))
+            q, k, v = (torch.cat(pair, 1) for pair in ((ref.norm_added_q(cq), q), (ref.norm_added_k(ck), k),
+                                                       (cv, v)))
+        rope = tuple(r.double() for r in rope)
+        q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        return (t.transpose(1, 2) for t in (q, k, v))
+
+    # double-stream: positive call, then the negative one (its pre-hook ran first)
+    (neg_in, _), (pos_in, out) = double_calls[0], double_calls[1]
+    ref = copy.deepcopy(double).double()
+    n_text = pos_in["encoder_hidden_states"].shape[1]
+    x = pos_in["hidden_states"].double()
+    rope = pos_in["image_rotary_emb"]
+    z_plus = merge(attention64(*project(ref, x, pos_in["encoder_hidden_states"].double(), rope)))[:, n_text:]
+    q_neg, k_neg, v_neg = project(ref, x, neg_in["encoder_hidden_states"].double(), rope)
+    z_minus = merge(attention64(q_neg, k_neg, v_neg))[:, n_text:]
+    z = nag_reference(z_plus, z_minus, 3.0, 1.05, 0.5, 1)
+    torch.testing.assert_close(out[0].double(), ref.to_out[0](z), rtol=1e-4, atol=1e-5)
+    assert (z - z_plus).abs().max() > 1e-3
+
+    # single-stream: the joined sequences [text; image] of the negative pass and of the call itself
+    (neg_in, _), (pos_in, out) = single_calls[0], single_calls[1]
+    ref = copy.deepcopy(single).double()
+    joined, joined_neg = pos_in["hidden_states"].double(), neg_in["hidden_states"].double()
+    torch.testing.assert_close(joined_neg[:, n_text:].float(), joined[:, n_text:].float())  # shared image stream
+    z_plus = merge(attention64(*project(ref, joined, None, pos_in["image_rotary_emb"])))
+    z_minus = merge(attention64(*project(ref, joined_neg, None, pos_in["image_rotary_emb"])))
+    want = z_plus.clone()
+    want[:, n_text:] = nag_reference(z_plus[:, n_text:], z_minus[:, n_text:], 3.0, 1.05, 0.5, 1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    assert (want - z_plus).abs().max() > 1e-3
