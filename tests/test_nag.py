@@ -307,3 +307,15 @@ def test_flux_double_and_single_stream_calls_match_explicit_float64():
     want[:, n_text:] = nag_reference(z_plus[:, n_text:], z_minus[:, n_text:], 3.0, 1.05, 0.5, 1)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
     assert (want - z_plus).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_combines_with_pag(family):
+    """PAG's perturbed rows join the batch; NAG guides the cond rows only and leaves those rows alone."""
+    from attnctl.controls.perturb import Perturb
+
+    pipe = tiny_pipeline(family)
+    pag, _ = _run(pipe, family, [Perturb(scale=2.0)], steps=2)
+    both, session = _run(pipe, family, [Nag(negative_prompt=NEGATIVE), Perturb(scale=2.0)], steps=2)
+    assert torch.isfinite(both).all() and (both - pag).abs().max() > 1e-4
+    assert session.last_run()["controls"]["nag"]["layer_calls"] > 0
