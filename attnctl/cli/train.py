@@ -33,6 +33,11 @@ def main(args) -> int:
         if not sep:
             raise AttnctlError(f"--set {assignment!r}: write key=value, e.g. --set lr=3e-4")
         value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string; the help's own example must work
+                value = float(value)
+            except ValueError:
+                pass
         options[key.strip()] = tuple(value) if isinstance(value, list) else value
     for name, value in (("steps", args.steps), ("batch", args.batch), ("vae_from", args.vae_from),
                         ("threads", args.threads)):

@@ -424,8 +424,11 @@ def _load_weights_from_pipeline(cfg: TrainConfig, folder: str, denoiser, encoder
     """Load a saved pipeline's denoiser and text encoder(s) into freshly built modules of the same shape."""
     from diffusers import DiffusionPipeline
 
+    from ..models import _absent_components
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder)
+        # An SD3-format folder saves its unused T5 slot as absent: pass it as None, as attnctl.load does.
+        pipe = DiffusionPipeline.from_pretrained(folder, **_absent_components(Path(folder)))
     except Exception as exc:
         raise ShapesError(f"init_from={folder!r}: cannot load a pipeline from it ({exc})") from exc
     source = pipe.unet if cfg.model == "shapes" else pipe.transformer

@@ -1,5 +1,7 @@
 """Smoke tests of ShapesWorld training at tiny sizes (the real runs are marked slow)."""
 
+import json
+
 import pytest
 import torch
 
@@ -150,9 +152,10 @@ def test_train_verb_smoke_and_resume(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["train", "shapes", "--out", str(out), "--tiny", "--quiet", "--device", "cpu",
-                 "--set", "steps=2"]) == 0
+                 "--set", "steps=2", "--set", "lr=3e-4"]) == 0
     state = torch.load(out / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["config"]["steps"] == 2
+    assert state["config"]["lr"] == 3e-4  # "3e-4" is a string to YAML 1.1; the option still reads as a number
     assert "pipeline in" in capsys.readouterr().out
     import attnctl
 
@@ -211,6 +214,21 @@ def test_init_from_starts_from_a_pipeline_and_refuses_another_architecture(tmp_p
     other = T.tiny_config("shapes", vae_steps=2, steps=1, unet_cross_all_levels=False, init_from=str(first))
     with pytest.raises(AttnctlError, match="init_from=.*do not fit"):
         T.train("shapes", tmp_path / "c", config=other, device="cpu", progress=False)
+
+
+def test_init_from_continues_an_sd3_format_model_whose_t5_slot_is_absent(tmp_path):
+    # shapes-dit folders save text_encoder_3 / tokenizer_3 as absent; loading them for init_from must not fail.
+    cfg = T.tiny_config("shapes-dit", vae_steps=2, steps=2)
+    first = T.train("shapes-dit", tmp_path / "a", config=cfg, device="cpu", progress=False)
+    assert json.loads((first / "model_index.json").read_text())["text_encoder_3"][0] is None
+    cont = T.tiny_config("shapes-dit", vae_steps=2, steps=1, lr=0.0, warmup=1, ema=0.0, init_from=str(first))
+    T.train("shapes-dit", tmp_path / "b", config=cont, device="cpu", progress=False)
+    from diffusers import SD3Transformer2DModel
+
+    shipped = SD3Transformer2DModel.from_pretrained(first / "transformer")
+    state = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    for name, value in shipped.state_dict().items():
+        torch.testing.assert_close(state["denoiser"][name], value)
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_last_good_one(tmp_path, monkeypatch):
