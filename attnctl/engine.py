@@ -316,6 +316,10 @@ class Session:
         if self.share_prefix and any(type(c).branches is not Control.branches for c in self.controls):
             self._install_late_rows()
 
+    def on_exit(self, undo) -> None:
+        """Call ``undo()`` when the session uninstalls, also after a failed install (a control's own hooks)."""
+        self._undo.append(undo)
+
     def ensure_patched(self, processor_class: type) -> None:
         """Route ``processor_class``'s ``dispatch_attention_fn`` calls through attnctl (once per class and session;
         undone on exit). SDPA needs no patch: a mode sees it around hooked modules."""

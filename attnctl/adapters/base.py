@@ -166,6 +166,27 @@ class Adapter:
     def text_segments(self, pipe) -> list[TextSegment]:
         raise NotImplementedError
 
+    # -- a second text (a negative prompt) inside attention (the ``nag`` control) -------------------------------
+    # ``False``: every text-reading layer reads the same text embeddings (UNet cross-attention), so a second
+    # text's keys/values are one projection per layer (``project_text``). ``True``: the text tokens are a stream
+    # the blocks update (MM-DiT), so a second text must run through the blocks beside the first (``embed_text``
+    # gives the stream's start; the blocks in ``block_attrs`` carry it).
+    text_stream: bool = False
+
+    def encode_text(self, pipe, prompts: list[str], text_len: int, device, dtype) -> torch.Tensor:
+        """``prompts`` encoded by the pipeline's own text encoders into what the denoiser's ``text_arg`` takes:
+        (len(prompts), text_len, C), padded or truncated to ``text_len`` tokens like the call's own prompt."""
+        raise NotImplementedError
+
+    def project_text(self, module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, D) of ``text`` (B, S, C) at attention module ``module``, as its processor
+        computes them from ``encoder_hidden_states`` (only where ``text_stream`` is False)."""
+        raise NotImplementedError
+
+    def embed_text(self, denoiser, text: torch.Tensor) -> torch.Tensor:
+        """The text stream at the first block for ``text`` (B, S, C) (only where ``text_stream`` is True)."""
+        raise NotImplementedError
+
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The kinds of denoiser call this family's pipelines make. UNet pipelines: CFG in one batch, or no CFG.
     layout_kinds: tuple[str, ...] = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.OUTSIDE)

@@ -73,5 +73,17 @@ class FluxAdapter(Adapter):
                               "cache_context names it; expected a cond call or a true-CFG uncond call")
         return by_source[call.text_source]
 
+    text_stream = True
+
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        # T5 embeddings padded to the call's own length (the RoPE ids cover text_len text tokens); the class's
+        # method: attnctl wraps the instance's to see the call's own prompt
+        embeds = type(pipe).encode_prompt(pipe, prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                          max_sequence_length=text_len)[0]
+        return embeds.to(device=device, dtype=dtype)
+
+    def embed_text(self, denoiser, text):
+        return denoiser.context_embedder(text)
+
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer_2, 0, None)]

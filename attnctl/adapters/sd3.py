@@ -59,6 +59,20 @@ class SD3Adapter(Adapter):
         self._patch = int(transformer.config.patch_size)
         return transformer
 
+    text_stream = True
+
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        # [CLIP-L ++ CLIP-G (77 tokens); T5 (text_len - 77 tokens)], by the pipeline's own encoders (the class's
+        # method: attnctl wraps the instance's to see the call's own prompt)
+        clip_len = pipe.tokenizer.model_max_length
+        embeds = type(pipe).encode_prompt(pipe, prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                          num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                          max_sequence_length=max(text_len - clip_len, 1))[0]
+        return embeds.to(device=device, dtype=dtype)
+
+    def embed_text(self, denoiser, text):
+        return denoiser.context_embedder(text)
+
     def text_segments(self, pipe):
         # prompt_embeds = [CLIP-L ++ CLIP-G (channel-concatenated, 77 tokens); T5 tokens]
         clip = pipe.tokenizer

@@ -43,6 +43,22 @@ class UNetAdapter(Adapter):
         tokenizer = pipe.tokenizer
         return [TextSegment(tokenizer, 0, tokenizer.model_max_length)]
 
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        # The class's method, not the instance attribute: attnctl wraps the latter to see the call's own prompt.
+        embeds = type(pipe).encode_prompt(pipe, prompts, device, 1, False)[0]
+        return embeds.to(device=device, dtype=dtype)
+
+    def project_text(self, module, text):
+        """``AttnProcessor2_0``'s key/value path: ``norm_cross``, ``to_k``/``to_v``, split heads, ``norm_k``."""
+        if module.norm_cross is not None:
+            text = module.norm_encoder_hidden_states(text)
+        key, value = module.to_k(text), module.to_v(text)
+        heads = module.heads
+        key, value = (x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (key, value))
+        if getattr(module, "norm_k", None) is not None:
+            key = module.norm_k(key)
+        return key, value
+
 
 class SDXLAdapter(UNetAdapter):
     """SDXL: the UNet adapter; two CLIP encoders concatenated per token, so token positions are shared."""
@@ -57,6 +73,12 @@ class SDXLAdapter(UNetAdapter):
     def text_segments(self, pipe):
         tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
         return [TextSegment(tokenizer, 0, tokenizer.model_max_length)]
+
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        # both CLIP encoders, concatenated per token (the class's method: see UNetAdapter.encode_text)
+        embeds = type(pipe).encode_prompt(pipe, prompt=prompts, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)[0]
+        return embeds.to(device=device, dtype=dtype)
 
 
 __all__ = ["SDXLAdapter", "UNetAdapter"]

@@ -46,6 +46,7 @@ SETTINGS: dict[str, str] = {
     "pag": "attnctl.bench.pag:pag",
     "cfg+excite": "attnctl.bench.excite:cfg_excite",
     "diffusers-excite": "attnctl.bench.excite:diffusers_excite",
+    "nag": "attnctl.bench.nag:nag",
 }
 
 PROMPT = "a red circle and a blue square"

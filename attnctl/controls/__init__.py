@@ -10,6 +10,7 @@ _MODULES = (
     "excite",
     "edit",
     "interpolate",
+    "nag",
 )
 
 

@@ -1,0 +1,270 @@
+"""``nag``: Normalized Attention Guidance, a negative prompt that acts inside attention (no CFG needed).
+
+Chen et al., "Normalized Attention Guidance: Universal Negative Guidance for Diffusion Models" (arXiv
+2505.21179; official code ChenDarYen/Normalized-Attention-Guidance, ``src/attention_flux_nag.py``). At every
+selected text-reading attention layer the image queries attend twice: to the prompt's text (output Z+) and to
+the negative prompt's text (Z-), with the same image keys and values. Per image token (the norm runs over the
+channels of all heads together, as in the official code's (B, S, H*D) tensors)::
+
+    Z~ = Z+ + s (Z+ - Z-)                        extrapolate away from the negative text
+    r  = ||Z~|| / ||Z+||;  Z^ = Z~ * min(r, tau) / r   cap the feature's growth at tau
+    Z  = alpha Z^ + (1 - alpha) Z+                blend back towards the positive features
+
+``scale`` s here is the official code's ``nag_scale`` minus one (it writes ``Z+ * nag_scale - Z- *
+(nag_scale - 1)``), so s = 0 is no guidance. Defaults are the official code's: ``nag_scale`` 5 (s = 4),
+``nag_tau`` 2.5, ``nag_alpha`` 0.25, ``nag_end`` 1.0 (guidance over the whole schedule). The paper writes the
+norm as L1 (``norm: l1``, the default); the released code uses L2 (``norm: l2`` reproduces it).
+
+Where the negative text comes from:
+
+- UNet cross-attention (SD1.x/2.x, SDXL) reads the same text embeddings in every layer, so the negative
+  prompt's keys/values are the layer's own projections of its embeddings (one small extra attention per layer).
+- MM-DiT (SD3/3.5 joint attention, FLUX double- and single-stream blocks) updates the text tokens block by
+  block, so the negative prompt's tokens run as a second text stream beside the first: before each block, the
+  block runs once more with the negative stream and the (shared) image stream on the guided rows; its image
+  queries' attention output is Z-, its text output is the negative stream for the next block, and its image
+  output is discarded (as the official code does, where the negative rows' image tokens are overwritten). That
+  pass stops after the last block that holds a selected layer. Difference from the official FLUX code: the
+  negative stream is modulated by the call's own pooled text embedding, not the negative prompt's.
+
+Only the conditional rows are guided (the prompt's own; with CFG the unconditional rows stay as they are, and
+rows of extra branches such as PAG's perturbed ones are left alone). The negative prompt is encoded once per
+pipeline call by the pipeline's own text encoders (SD3's three, FLUX's two), at the call's text length.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from ..errors import ControlError
+from ..layouts import BatchLayout
+from ..select import select
+from .base import Control, StepWindow, StrictOptions, register
+
+TEXT_KINDS = ("cross", "joint", "single")
+
+
+def normalized_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: float, tau: float, alpha: float,
+                        norm: str = "l1", channel_dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """NAG's combination of attention outputs (see the module docstring); same shape as ``positive``.
+
+    ``positive``/``negative``: Z+ and Z-, any layout whose ``channel_dims`` hold one token's features, e.g.
+    (B, S, C) with ``(-1,)`` or (B, H, S, D) with ``(1, 3)`` (all heads together). A token whose Z+ is all zero
+    takes Z~ unscaled (its ratio is undefined; the official code divides by zero there).
+    """
+    p = 1 if norm == "l1" else 2
+    guided = positive + scale * (positive - negative)
+    norm_pos = torch.linalg.vector_norm(positive, ord=p, dim=channel_dims, keepdim=True)
+    norm_guided = torch.linalg.vector_norm(guided, ord=p, dim=channel_dims, keepdim=True)
+    ratio = norm_guided / norm_pos
+    factor = torch.where(ratio > tau, tau / ratio, torch.ones_like(ratio))
+    factor = torch.where(norm_pos > 0, factor, torch.ones_like(ratio))
+    return alpha * (guided * factor) + (1 - alpha) * positive
+
+
+class NagOptions(StrictOptions):
+    negative_prompt: str | list[str] = Field(description="What the image should not show: one text for every "
+                                                         "prompt, or a list with one per prompt.")
+    scale: float = Field(4.0, ge=0.0, le=100.0, description="s in Z+ + s (Z+ - Z-); 0 = off (official "
+                                                             "nag_scale 5 = s 4).")
+    tau: float = Field(2.5, gt=1.0, le=100.0, description="Cap on ||Z|| / ||Z+|| per token (official: 2.5); "
+                                                          "must be > 1.")
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="Blend alpha Z + (1 - alpha) Z+ (official: 0.25).")
+    norm: Literal["l1", "l2"] = Field("l1", description="Norm of the cap: l1 as in the paper, l2 as in the "
+                                                        "official code.")
+    window: StepWindow = Field(default_factory=StepWindow, description="Fraction of the schedule to guide "
+                                                                       "(official nag_end 1.0: all of it).")
+    layers: list[str] | None = Field(None, description="Layer selectors among the text-reading layers (cross, "
+                                                       "joint, single); default: all of them.")
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, value):
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("give a negative prompt (or a list with one per prompt), e.g. 'blue'")
+        for text in texts:
+            if not text.strip():
+                raise ValueError("an empty negative prompt guides towards nothing in particular; give the concept "
+                                 "the image should not show, e.g. 'blue' or 'square'")
+        return value
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+@register
+class Nag(Control):
+    """Normalized Attention Guidance; see the module docstring."""
+
+    name = "nag"
+    Options = NagOptions
+
+    @property
+    def active(self) -> bool:
+        opts = self.options
+        return opts.scale > 0 and opts.window.stop > opts.window.start
+
+    def bind(self, session):
+        self._session = session
+        self._hooked_blocks = False
+        self._calls = 0
+        if not self.active:
+            return {}
+        sites = select(session.sites, self.options.layers, kinds=TEXT_KINDS)
+        self._modules = {site.name: module for site, module in session.site_modules if site.name in sites}
+        return sites
+
+    # -- per pipeline call ---------------------------------------------------------------------------------
+    def on_call_start(self, session):
+        self._embeds: dict[tuple, torch.Tensor] = {}  # (negative texts, text_len, device, dtype) -> embeddings
+        self._captured: dict[str, torch.Tensor] = {}
+        self._capturing = False
+        self._stream: torch.Tensor | None = None
+        self._calls = 0
+        if not self.active:
+            return
+        negatives = self.options.negative_prompt
+        if isinstance(negatives, list) and session.prompts is not None and len(negatives) not in (1, len(
+                session.prompts)):
+            raise ControlError(f"control 'nag': negative_prompt has {len(negatives)} entries for "
+                               f"{len(session.prompts)} prompts; give one text, or one per prompt")
+        if session.adapter.text_stream and not self._hooked_blocks:
+            self._hook_blocks(session)
+
+    def on_call_end(self, session):
+        if not self._calls:
+            return {}
+        return {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
+
+    def _negative_of(self, session, sample: int) -> str:
+        negatives = self.options.negative_prompt
+        if isinstance(negatives, str):
+            return negatives
+        if len(negatives) == 1:
+            return negatives[0]
+        return negatives[min(sample // session.images_per_prompt, len(negatives) - 1)]
+
+    def _negative_embeds(self, session, samples: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The negative prompt's text embeddings for ``samples``: (len(samples), S, C) like the call's ``like``."""
+        texts = tuple(self._negative_of(session, s) for s in samples)
+        key = (texts, like.shape[1], like.device, like.dtype)
+        if key not in self._embeds:
+            distinct = sorted(set(texts))
+            encoded = session.adapter.encode_text(session.pipe, distinct, like.shape[1], like.device, like.dtype)
+            if encoded.shape[1] != like.shape[1]:
+                raise ControlError(f"control 'nag': the negative prompt encodes to {encoded.shape[1]} text tokens, "
+                                   f"the prompt to {like.shape[1]}; they must match")
+            by_text = dict(zip(distinct, encoded))
+            self._embeds[key] = torch.stack([by_text[t] for t in texts])
+        return self._embeds[key]
+
+    # -- MM-DiT: the negative text stream ----------------------------------------------------------------------
+    def _hook_blocks(self, session) -> None:
+        """A pre-hook on every block that carries text, up to the last one holding a selected layer."""
+        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
+                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
+        hooked = set(self._modules)
+        last = max(i for i, (name, _) in enumerate(blocks)
+                   if any(site == name or site.startswith(name + ".") for site in hooked))
+        for index, (_, module) in enumerate(blocks[: last + 1]):
+            signature = inspect.signature(module.forward)
+
+            def negative_pass(module, args, kwargs, index=index, signature=signature):
+                self._negative_pass(session, module, index, signature, args, kwargs)
+
+            handle = module.register_forward_pre_hook(negative_pass, with_kwargs=True)
+            session.on_exit(handle.remove)
+        self._hooked_blocks = True
+
+    def _negative_pass(self, session, module, index: int, signature, args, kwargs) -> None:
+        frame = session.frame
+        if frame is None or not self.options.window.contains(frame.step.progress):
+            return
+        cond = frame.layout.rows("cond")
+        if not cond:
+            return
+        bound = signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        text = arguments["encoder_hidden_states"]
+        if index == 0:
+            positive = frame.params[session.adapter.text_arg]
+            samples = tuple(frame.layout.samples[r] for r in cond)
+            self._stream = session.adapter.embed_text(session.denoiser,
+                                                      self._negative_embeds(session, samples, positive))
+        if self._stream is None or text is None:
+            return
+        skip = session.adapter.block_unbatched_args
+        for name, value in arguments.items():
+            if name in skip or name == "encoder_hidden_states":
+                continue
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == len(frame.layout):
+                arguments[name] = value[cond]
+        arguments["encoder_hidden_states"] = self._stream
+        narrow = replace(frame, layout=BatchLayout(("cond",) * len(cond), tuple(frame.layout.samples[r] for r in cond),
+                                                    frame.layout.kind))
+        hooks = session.hooks
+        session.frame, self._capturing = narrow, True
+        # Only this control sees the negative pass: other controls' edits are about the prompt's own text.
+        session.hooks = {site: [(c, h) for c, h in entries if c is self] for site, entries in hooks.items()}
+        try:
+            out = module.forward(**arguments)
+        finally:
+            session.frame, session.hooks, self._capturing = frame, hooks, False
+        self._stream = out[0] if isinstance(out, tuple) else None
+
+    # -- per attention call ---------------------------------------------------------------------------------
+    def on_attention(self, call):
+        opts = self.options
+        if not opts.window.contains(call.step.progress) or call.text is None:
+            return
+        image = call.image
+        site = call.site.name
+        if self._capturing:
+            call.then(lambda out: self._capture(site, out, image))
+            return
+        cond = call.layout.rows("cond")
+        if not cond:
+            return
+        if call.session.adapter.text_stream:
+            negative = self._captured.pop(site, None)
+            if negative is None:
+                raise ControlError(f"control 'nag': no negative-prompt attention was computed for {site} at this "
+                                   "step; its block did not run the negative text stream")
+        else:
+            samples = tuple(call.layout.samples[r] for r in cond)
+            positive = call.frame.params[call.session.adapter.text_arg]
+            embeds = self._negative_embeds(call.session, samples, positive if not isinstance(positive, tuple)
+                                           else positive[0])
+            key, value = call.session.adapter.project_text(self._modules[site], embeds)
+            negative = F.scaled_dot_product_attention(call.q[cond], key.to(call.q.dtype), value.to(call.q.dtype))
+        self._calls += 1
+        call.then(lambda out: self._guide(out, negative, cond, image))
+
+    def _capture(self, site: str, out: torch.Tensor, image: slice) -> torch.Tensor:
+        self._captured[site] = out[:, :, image]
+        return out
+
+    def _guide(self, out: torch.Tensor, negative: torch.Tensor, cond: list[int], image: slice) -> torch.Tensor:
+        """``out`` (B, H, Sq, D) with the cond rows' image queries guided by ``negative`` (n_cond, H, S_img, D)."""
+        opts = self.options
+        out = out.clone()
+        rows = torch.as_tensor(cond, device=out.device)
+        positive = out[rows][:, :, image]
+        if negative.shape != positive.shape:
+            raise ControlError(f"control 'nag': negative attention output {tuple(negative.shape)} does not match "
+                               f"the prompt's {tuple(positive.shape)}")
+        guided = normalized_guidance(positive, negative.to(positive.dtype), opts.scale, opts.tau, opts.alpha,
+                                     opts.norm, channel_dims=(1, 3))
+        block = out[rows]
+        block[:, :, image] = guided
+        out[rows] = block
+        return out
