@@ -267,8 +267,9 @@ class Session:
                                      "block first")
         for control in self.controls:
             if self.family not in control.families:
+                why = control.family_notes.get(self.family)
                 raise ControlError(f"control {control.name!r} does not support the {self.family} family "
-                                   f"(it supports {', '.join(control.families)})")
+                                   f"(it supports {', '.join(control.families)})" + (f": {why}" if why else ""))
             for site_name, heads in control.bind(self).items():
                 self.hooks.setdefault(site_name, []).append((control, heads))
         try:

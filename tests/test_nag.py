@@ -319,3 +319,13 @@ def test_combines_with_pag(family):
     both, session = _run(pipe, family, [Nag(negative_prompt=NEGATIVE), Perturb(scale=2.0)], steps=2)
     assert torch.isfinite(both).all() and (both - pag).abs().max() > 1e-4
     assert session.last_run()["controls"]["nag"]["layer_calls"] > 0
+
+
+@pytest.mark.parametrize("family", ["flux2", "chroma", "qwenimage"])
+def test_a_family_without_a_second_text_stream_is_refused_with_the_reason(family):
+    pipe = tiny_pipeline(family)
+    with pytest.raises(ControlError, match=f"does not support the {family} family.*negative"):
+        with attnctl.apply(pipe, [Nag(negative_prompt="blue")]):
+            pass
+    denoiser = getattr(pipe, "transformer", None)
+    assert all(getattr(m, "_attnctl_session", None) is None for m in denoiser.modules())  # nothing left behind

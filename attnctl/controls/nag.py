@@ -107,6 +107,12 @@ class Nag(Control):
 
     name = "nag"
     Options = NagOptions
+    families = ("sd15", "sdxl", "sd3", "flux")
+    family_notes = {
+        family: "a second (negative) text must be encoded by the family's own text encoders and carried through "
+                "its text stream, which attnctl's adapter does not do yet for this family"
+        for family in ("flux2", "chroma", "qwenimage")
+    }
 
     @property
     def active(self) -> bool:
