@@ -12,7 +12,7 @@ Kinds (``rows`` = the call's batch size, ``n`` = the number of images the pipeli
 ``cond_batch``    every row conditional: a pipeline without CFG, FLUX's main call. Extra branches act here.
 ``uncond_call``   every row unconditional, in a call of its own: FLUX's true CFG (a negative prompt and
                   ``true_cfg_scale > 1``). No extra branch; the rows take the guidance delta the step's cond
-                  rows took (``Session._carry_guidance``), so ``neg + t (cond - neg)`` gains it exactly once.
+                  rows took (``attnctl.engine.guidance``), so ``neg + t (cond - neg)`` gains it exactly once.
 ``skip_layers``   SD3's skip-layer guidance (``skip_guidance_layers``): a second call at the step on the cond
                   latents alone, with ``skip_layers=`` passed to the transformer. Its rows are the branch
                   ``skip``; no extra branch, no fold of its own. They take the delta the step's cond rows took,
