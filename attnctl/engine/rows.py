@@ -32,10 +32,12 @@ class Frame:
 
 
 def describe_call(pipe, adapter, denoiser, params: dict, n_rows: int, *, in_pipeline: bool,
-                  encoded: list[Any], context: str | None, samples: int | None) -> DenoiserCall:
+                  encoded: list[Any], context: str | None, samples: int | None,
+                  guider: tuple[str, str] | None = None) -> DenoiserCall:
     """The ``DenoiserCall`` of a call with ``params`` and ``n_rows`` rows. ``in_pipeline``: a pipeline call is
     open; ``encoded``: that call's ``encode_prompt`` results in order; ``context``: the denoiser's open
-    ``cache_context`` name; ``samples``: the images the pipeline call generates, when its prompts are known."""
+    ``cache_context`` name; ``samples``: the images the pipeline call generates, when its prompts are known;
+    ``guider``: (guider class name, prediction) when a diffusers guider prepared the call (modular pipelines)."""
     text = params.get(adapter.text_arg)
     # Read only a property the pipeline class defines: inside a call it reflects that call's guidance scale.
     cfg = bool(pipe.do_classifier_free_guidance) if (
@@ -46,7 +48,9 @@ def describe_call(pipe, adapter, denoiser, params: dict, n_rows: int, *, in_pipe
         if text is not None and first is text:
             source = i
             break
-    return DenoiserCall(type(denoiser).__name__, n_rows, params, in_pipeline, cfg, context, source, samples)
+    name, prediction = guider if guider is not None else (None, None)
+    return DenoiserCall(type(denoiser).__name__, n_rows, params, in_pipeline, cfg, context, source, samples, name,
+                        prediction)
 
 
 def layout_of(adapter, call: DenoiserCall) -> BatchLayout:

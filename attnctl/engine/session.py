@@ -60,7 +60,7 @@ class Session:
         self.prompts: list[str] | None = None
         self.images_per_prompt = 1
         self.share_prefix = share_prefix
-        self.forward_original = self.denoiser.forward
+        self.forward_original = self.denoiser.forward  # the forward attnctl's wrapper calls (set on install)
         self.clock = StepClock(pipe, self.adapter.timestep_scale)
         self.guidance = GuidanceFold(pipe)
         self.latents = LatentUpdates(self)
@@ -77,6 +77,7 @@ class Session:
         self._scheduler_originals: dict[int, Any] = {}
         self._last_step: StepInfo | None = None
         self._patched_classes: set[type] = set()
+        self._guider_call: tuple[str, str] | None = None  # (guider, prediction) of the call a guider prepared
 
     # -- public state ------------------------------------------------------------------------------------
     @property
@@ -124,10 +125,12 @@ class Session:
         for site, module in self.site_modules:
             # The module's own processor stays; its forward is wrapped to mark the site for the interceptors.
             set_attr(module, "_attnctl_session", self)
-            set_attr(module, "forward", wrap_forward(self, site, module, module.forward))
+            self._undo.wrap_forward(module, lambda forward, site=site, module=module: wrap_forward(
+                self, site, module, forward))
             if site.name in self.hooks:
                 self.ensure_patched(type(module.processor))
-        set_attr(self.denoiser, "forward", self._forward)
+        # Under an accelerate hook (model CPU offload) where there is one: the denoiser's forward without it.
+        self.forward_original = self._undo.wrap_forward(self.denoiser, lambda forward: self._forward)
         self._forward_signature = inspect.signature(self.forward_original)
         self._wrap_scheduler()
         if hasattr(self.pipe, "encode_prompt"):
@@ -143,8 +146,51 @@ class Session:
         if hasattr(self.denoiser, "cache_context"):
             self._cache_context = self.denoiser.cache_context
             set_attr(self.denoiser, "cache_context", self._wrapped_cache_context)
+        self._watch_guider()
         if self.share_prefix and any(type(c).branches is not Control.branches for c in self.controls):
             self.late_rows.install(self._undo)
+
+    def _watch_guider(self) -> None:
+        """A modular pipeline's diffusers guider splits each step into batches (``prepare_inputs``), each tagged
+        with the prediction it is for (``pred_cond``, ``pred_uncond``, ...), then prepares the denoiser for the
+        n-th batch (``prepare_models``; ``_count_prepared`` counts them from 1 at each step) before calling it.
+        The call's rows take that prediction's role (``attnctl.layouts.guider_kind``); ``cleanup_models`` clears it."""
+        guider = getattr(self.pipe, "guider", None)
+        try:
+            from diffusers.guiders import BaseGuidance
+        except ImportError:  # a diffusers without guiders
+            return
+        if not isinstance(guider, BaseGuidance):
+            return
+        key = getattr(guider, "_identifier_key", "__guidance_identifier__")
+        tags: list[str | None] = []
+
+        def tagging(prepare_inputs):
+            def wrapper(*args, **kwargs):
+                batches = prepare_inputs(*args, **kwargs)
+                tags[:] = [getattr(b, key, None) if not isinstance(b, dict) else b.get(key) for b in batches]
+                return batches
+
+            return dressed_as(prepare_inputs, wrapper)
+
+        for name in ("prepare_inputs", "prepare_inputs_from_block_state"):
+            if hasattr(guider, name):
+                self._undo.set_attr(guider, name, tagging(getattr(guider, name)))
+        prepare, cleanup = guider.prepare_models, guider.cleanup_models
+
+        def prepare_models(denoiser, *args, **kwargs):
+            result = prepare(denoiser, *args, **kwargs)
+            index = getattr(guider, "_count_prepared", 0) - 1
+            tag = tags[index] if 0 <= index < len(tags) else None
+            self._guider_call = (type(guider).__name__, tag if tag is not None else f"batch #{index + 1}")
+            return result
+
+        def cleanup_models(denoiser, *args, **kwargs):
+            self._guider_call = None
+            return cleanup(denoiser, *args, **kwargs)
+
+        self._undo.set_attr(guider, "prepare_models", dressed_as(prepare, prepare_models))
+        self._undo.set_attr(guider, "cleanup_models", dressed_as(cleanup, cleanup_models))
 
     def ensure_patched(self, processor_class: type) -> None:
         """Route ``processor_class``'s ``dispatch_attention_fn`` calls through attnctl (once per class and session;
@@ -293,7 +339,8 @@ class Session:
         """The facts a layout is decided from (``attnctl.layouts.DenoiserCall``) for a call with ``params``."""
         samples = len(self.prompts) * self.images_per_prompt if self._call_open and self.prompts else None
         return describe_call(self.pipe, self.adapter, self.denoiser, params, n_rows, in_pipeline=self._call_open,
-                             encoded=self._encoded, context=self._context_name, samples=samples)
+                             encoded=self._encoded, context=self._context_name, samples=samples,
+                             guider=self._guider_call)
 
     def layout(self, params: dict, n_rows: int) -> BatchLayout:
         """The batch layout of a denoiser call: the adapter names its kind, ``attnctl.layouts`` lays out its rows
