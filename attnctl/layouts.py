@@ -12,11 +12,16 @@ Kinds (``rows`` = the call's batch size, ``n`` = the number of images the pipeli
 ``cond_batch``    every row conditional: a pipeline without CFG, FLUX's main call. Extra branches act here.
 ``uncond_call``   every row unconditional, in a call of its own: FLUX's true CFG (a negative prompt and
                   ``true_cfg_scale > 1``). No extra branch; the rows take the guidance delta the step's cond
-                  rows took (``Session._carry_guidance``), so ``neg + t (cond - neg)`` gains it exactly once.
+                  rows took (``attnctl.engine.guidance``), so ``neg + t (cond - neg)`` gains it exactly once.
 ``skip_layers``   SD3's skip-layer guidance (``skip_guidance_layers``): a second call at the step on the cond
                   latents alone, with ``skip_layers=`` passed to the transformer. Its rows are the branch
                   ``skip``; no extra branch, no fold of its own. They take the delta the step's cond rows took,
                   so the pipeline's ``(cond - skip) * slg_scale`` does not see PAG at all.
+``uncond_call`` and ``cond_batch`` are also the calls of diffusers' guiders in modular pipelines: a
+                  ``ClassifierFreeGuidance`` guider runs one call per prediction, ``pred_cond`` then
+                  ``pred_uncond``; the prediction a call is for is read from the guider (``guider_prediction``),
+                  and a prediction of no known role (PAG's or skip-layer guidance's ``pred_cond_skip``, ...) is
+                  a ``LayoutError``.
 ``outside``       the denoiser called outside a pipeline call (no ``encode_prompt`` opened one): every row cond.
 
 A call that fits none of these is a ``LayoutError`` naming the denoiser, its row count and what was expected.
@@ -77,7 +82,9 @@ class DenoiserCall:
     ``cache_context`` (FLUX: ``"cond"``/``"uncond"``), None outside one; ``text_source``: which
     ``encode_prompt`` call of this pipeline call produced the call's text embeddings (0 = the prompt, 1 = the
     second one: FLUX's negative prompt), None when they match none; ``samples``: the number of images the
-    pipeline call generates when its prompts are known, else None.
+    pipeline call generates when its prompts are known, else None; ``guider``: the class name of the diffusers
+    guider that prepared this call (modular pipelines), and ``guider_prediction`` the prediction it is for
+    (``pred_cond``, ``pred_uncond``, ...), None without a guider.
     """
 
     denoiser: str
@@ -88,6 +95,8 @@ class DenoiserCall:
     context: str | None = None
     text_source: int | None = None
     samples: int | None = None
+    guider: str | None = None
+    guider_prediction: str | None = None
 
     def describe(self) -> str:
         return f"{self.denoiser} call with {self.rows} row{'s' if self.rows != 1 else ''}"
@@ -145,6 +154,20 @@ def skip_layers(call: DenoiserCall) -> BatchLayout:
 def outside(call: DenoiserCall) -> BatchLayout:
     """The denoiser called outside a pipeline call: every row conditional (the caller owns any guidance)."""
     return _same("cond", call.rows, OUTSIDE)
+
+
+# The roles of a diffusers guider's predictions (modular pipelines), by the guider's prediction name.
+GUIDER_KINDS = {"pred_cond": COND_BATCH, "pred_uncond": UNCOND_CALL}
+
+
+def guider_kind(call: DenoiserCall) -> str:
+    """The kind of a call a diffusers guider prepared, from the prediction it is for; a ``LayoutError`` for a
+    prediction of no known role."""
+    if call.guider_prediction not in GUIDER_KINDS:
+        raise LayoutError(f"{call.describe()} prepared by the {call.guider} guider for prediction "
+                          f"{call.guider_prediction!r}: attnctl knows the roles of {', '.join(GUIDER_KINDS)} only "
+                          "(ClassifierFreeGuidance); use that guider, or no guider-made rows under a control")
+    return GUIDER_KINDS[call.guider_prediction]
 
 
 LAYOUTS = {

@@ -123,7 +123,8 @@ def test_head_level_pag_changes_only_the_chosen_heads(pipe, mode):
 def test_pag_guides_with_true_cfg_and_scale_zero_is_plain(pipe):
     plain = pipe(PROMPTS[0], **kwargs()).images
     with apply(pipe, Perturb(layers=["transformer_blocks.1"], scale=0.0)):
-        assert torch.equal(pipe(PROMPTS[0], **kwargs()).images, plain)
+        # The perturbed rows join the cond call's batch, so float32 sums may split differently: 1e-5, not bits.
+        torch.testing.assert_close(pipe(PROMPTS[0], **kwargs()).images, plain, atol=1e-5, rtol=0)
     with apply(pipe, Perturb(layers=["transformer_blocks.1"], scale=3.0)):
         guided = pipe(PROMPTS[0], **kwargs()).images
     assert (guided - plain).abs().max() > 1e-3

@@ -1,11 +1,9 @@
 """Batch layouts (attnctl.layouts): the roles of a denoiser call's rows come from what the call is.
 
-Real tiny pipelines only; a ``Recorder`` sits under the engine's wrapper and keeps every raw denoiser output
-(with whether the pipeline passed ``skip_layers``) and every scheduler input, so the guidance formula is
-recomputed by hand from the model's own predictions.
+Real tiny pipelines only; a ``Recorder`` (``tests/recording.py``) sits under the engine's wrapper and keeps
+every raw denoiser output (with whether the pipeline passed ``skip_layers``) and every scheduler input, so the
+guidance formula is recomputed by hand from the model's own predictions.
 """
-
-import functools
 
 import pytest
 import torch
@@ -15,36 +13,9 @@ from attnctl.controls.perturb import Perturb
 from attnctl.engine import apply
 from attnctl.errors import LayoutError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+from recording import Recorder
 
 PROMPT = "a red circle"
-
-
-class Recorder:
-    """Every raw denoiser output (rows (B, ...), installed under the engine's wrapper, so PAG's extra rows are
-    in it) with whether the call got ``skip_layers``, and every scheduler input (the final noise prediction)."""
-
-    def __init__(self, pipe):
-        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-        self.calls, self.steps = [], []
-        forward, step = denoiser.forward, pipe.scheduler.step
-
-        @functools.wraps(forward)  # the engine binds arguments by the forward's signature
-        def record_forward(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            sample = out[0] if isinstance(out, tuple) else out.sample
-            self.calls.append((kwargs.get("skip_layers") is not None, sample.clone()))
-            return out
-
-        @functools.wraps(step)  # pipelines pass eta/generator only to a step whose signature names them
-        def record_step(model_output, *args, **kwargs):
-            self.steps.append(model_output.clone())
-            return step(model_output, *args, **kwargs)
-
-        denoiser.forward, pipe.scheduler.step = record_forward, record_step
-        self._undo = lambda: (denoiser.__dict__.pop("forward"), pipe.scheduler.__dict__.pop("step"))
-
-    def close(self):
-        self._undo()
 
 
 class Layouts(Control):
@@ -99,8 +70,8 @@ def test_sd3_skip_layer_guidance_with_pag_is_the_hand_formula(images):
     finally:
         recorder.close()
     n = images
-    main = [out for skip, out in recorder.calls if not skip]
-    skips = [out for skip, out in recorder.calls if skip]
+    main = [out for skip, out in zip(recorder.skip_layers, recorder.calls) if not skip]
+    skips = [out for skip, out in zip(recorder.skip_layers, recorder.calls) if skip]
     assert [out.shape[0] for out in main] == [3 * n] * 4  # [uncond; cond; perturbed]
     assert [out.shape[0] for out in skips] == [n] * 3  # SLG at steps 1..3 (i > 0 and i < 4): no extra rows
     for i, eps in enumerate(recorder.steps):
@@ -132,7 +103,7 @@ def test_even_cfg_batch_with_pag_is_the_formula():
             pipe(PROMPT, **tiny_call_kwargs("sd15", steps=3, num_images_per_prompt=2))
     finally:
         recorder.close()
-    for (_, raw), eps in zip(recorder.calls, recorder.steps):
+    for raw, eps in zip(recorder.calls, recorder.steps):
         assert raw.shape[0] == 6
         u, c, p = raw[:2], raw[2:4], raw[4:]
         torch.testing.assert_close(eps, u + 5.0 * (c - u) + 1.5 * (c - p), atol=1e-5, rtol=1e-5)
@@ -200,7 +171,7 @@ def test_flux_img2img_true_cfg_without_cache_context():
     finally:
         recorder.close()
     assert set(probe.seen) == {("cond_batch", ("cond", "perturb")), ("uncond_call", ("uncond",))}
-    raws = [out for _, out in recorder.calls]
+    raws = recorder.calls
     assert [r.shape[0] for r in raws] == [2, 1] * len(recorder.steps)
     for i, eps in enumerate(recorder.steps):
         cond, perturbed, neg = raws[2 * i][:1], raws[2 * i][1:], raws[2 * i + 1]

@@ -2,7 +2,6 @@
 head locality, parity with diffusers' PAG pipelines, the guidance formula with and without CFG (FLUX's true CFG
 included), step windows, and the invariants on every family."""
 
-import functools
 import inspect
 
 import pytest
@@ -14,6 +13,7 @@ from attnctl.controls.perturb import DEFAULT_LAYERS, Perturb, PerturbOptions, sc
 from attnctl.engine import apply
 from attnctl.errors import ControlError, SelectorError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+from recording import Recorder
 
 PROMPT = "a red circle"
 SD15_MID = "mid_block.attentions.0.transformer_blocks.0.attn1"
@@ -229,32 +229,7 @@ def test_sd3_full_mode_is_not_diffusers_pag():
 
 
 # -- the guidance formula, read off the denoiser and the scheduler ---------------------------------------------
-class Recorder:
-    """Records every raw denoiser output (installed under the engine's wrapper) and every scheduler input."""
-
-    def __init__(self, pipe):
-        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-        self.calls, self.steps = [], []
-        forward, step = denoiser.forward, pipe.scheduler.step
-
-        @functools.wraps(forward)  # the engine binds arguments by the forward's signature
-        def record_forward(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            self.calls.append((out[0] if isinstance(out, tuple) else out.sample).clone())
-            return out
-
-        @functools.wraps(step)  # pipelines pass eta/generator only to a step whose signature names them
-        def record_step(model_output, *args, **kwargs):
-            self.steps.append(model_output.clone())
-            return step(model_output, *args, **kwargs)
-
-        denoiser.forward, pipe.scheduler.step = record_forward, record_step
-        self._undo = lambda: (denoiser.__dict__.pop("forward"), pipe.scheduler.__dict__.pop("step"))
-
-    def close(self):
-        self._undo()
-
-
+# (a ``Recorder``, tests/recording.py, keeps every raw denoiser output and every scheduler input)
 @pytest.mark.parametrize("true_cfg", [1.0, 3.0])
 def test_flux_guidance_formula_with_and_without_true_cfg(true_cfg):
     """FLUX is guidance-distilled: no CFG batch. Without true CFG eps = cond + s (cond - perturbed); with true

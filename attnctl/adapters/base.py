@@ -189,12 +189,16 @@ class Adapter:
 
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The kinds of denoiser call this family's pipelines make. UNet pipelines: CFG in one batch, or no CFG.
-    layout_kinds: tuple[str, ...] = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.OUTSIDE)
+    # A diffusers guider (modular pipelines) runs the uncond prediction as a call of its own.
+    layout_kinds: tuple[str, ...] = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
 
     def call_kind(self, call: layouts.DenoiserCall) -> str:
-        """Which kind of call ``call`` is, from what the pipeline is doing: outside a pipeline call every row is
+        """Which kind of call ``call`` is, from what the pipeline is doing: a call a diffusers guider prepared
+        has its guider prediction's kind (``attnctl.layouts.guider_kind``); outside a pipeline call every row is
         cond; inside one, the running pipeline's ``do_classifier_free_guidance`` says whether its batch is
         [uncond; cond]. A pipeline without that property is a ``LayoutError``, not a guess."""
+        if call.guider is not None:  # a modular pipeline: the guider says which prediction the call is for
+            return layouts.guider_kind(call)
         if not call.in_pipeline:
             return layouts.OUTSIDE
         if call.cfg is None:

@@ -58,6 +58,8 @@ class FluxAdapter(Adapter):
         without it (img2img, inpaint, Kontext, ControlNet) pass the negative prompt's embeddings, which came
         from their second ``encode_prompt`` call (``text_source`` 1), to the uncond call. A call that is neither
         is a ``LayoutError``."""
+        if call.guider is not None:
+            return layouts.guider_kind(call)
         if not call.in_pipeline:
             return layouts.OUTSIDE
         by_context = {"cond": layouts.COND_BATCH, "uncond": layouts.UNCOND_CALL}

@@ -322,8 +322,7 @@ class Interpolate(Control):
     @contextmanager
     def _applied(self, pipe) -> Iterator[None]:
         session = self._session
-        if session is not None and getattr(session.denoiser, "_attnctl_session", None) is session \
-                and session.pipe is pipe:
+        if session is not None and session.active and session.pipe is pipe:
             yield
             return
         from ..engine import apply
