@@ -222,3 +222,52 @@ def test_modular_sdxl_guider_prediction_of_no_known_role_is_an_error():
     with pytest.raises(LayoutError, match=r"PerturbedAttentionGuidance guider for prediction 'pred_cond_skip'"):
         with apply(pipe):
             _modular_run(pipe)
+
+
+def _rescaled(noise_cfg, cond, rescale):
+    """diffusers' ``rescale_noise_cfg`` in float64."""
+    dims = list(range(1, noise_cfg.ndim))
+    std_cond, std_cfg = cond.std(dim=dims, keepdim=True), noise_cfg.std(dim=dims, keepdim=True)
+    return rescale * noise_cfg * (std_cond / std_cfg) + (1 - rescale) * noise_cfg
+
+
+@pytest.mark.parametrize("cfg", [1.0, 1.0001, 5.0])
+def test_modular_sdxl_cfg_guider_rescales_by_the_models_own_cond_prediction(cfg):
+    """A ``ClassifierFreeGuidance(guidance_rescale=0.7)`` guider rescales its prediction by the std of the cond
+    rows it got. PAG's delta is folded into the cond (and uncond) rows, so while the guider runs attnctl gives
+    its module's rescale_noise_cfg the cond rows as the model predicted them, as diffusers' PAG guider computes:
+    eps = rescale(uncond + w (cond - uncond) + s (cond - perturbed), cond) (without CFG: cond + s (...)),
+    recomputed here in float64 from the raw rows. The guider's module holds its own function again after."""
+    import sys
+
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from recording import Recorder
+
+    guider = ClassifierFreeGuidance(guidance_scale=cfg, guidance_rescale=0.7)
+    module = sys.modules[type(guider).__module__]
+    own = module.rescale_noise_cfg
+    pipe = modular_sdxl(guider)
+    recorder = Recorder(pipe)
+    try:
+        with apply(pipe, Perturb(scale=2.0, layers=["mid_block"])):
+            _modular_run(pipe)
+            assert module.rescale_noise_cfg is own
+    finally:
+        recorder.close()
+    assert module.rescale_noise_cfg is own and "forward" not in guider.__dict__
+    per_step = 1 if cfg == 1.0 else 2
+    assert [c.shape[0] for c in recorder.calls] == ([2, 1] if per_step == 2 else [2]) * 3
+    worst, shifted_std = 0.0, 0.0
+    for i, eps in enumerate(recorder.steps):
+        call = recorder.calls[per_step * i].double()
+        cond, perturbed = call[:1], call[1:]
+        delta = 2.0 * (cond - perturbed)
+        guided = cond + delta
+        if per_step == 2:
+            uncond = recorder.calls[per_step * i + 1].double()
+            guided = uncond + cfg * (cond - uncond) + delta
+        worst = max(worst, (eps.double() - _rescaled(guided, cond, 0.7)).abs().max().item())
+        shifted_std = max(shifted_std, (eps.double() - _rescaled(guided, cond + delta, 0.7)).abs().max().item())
+    assert worst <= 1e-5, f"max abs difference {worst:.3g}"
+    assert shifted_std > 1e-3  # the guider's own rescale (std of the shifted cond rows) is not it
