@@ -163,7 +163,10 @@ def _modular_run(pipe, steps=3):
 
 
 class Roles(Maps):
-    """Maps on one cross-attention layer that also records each denoiser call's layout (kind, branches)."""
+    """Maps' sites (one cross-attention layer), recording each denoiser call's layout (kind, branches) instead of
+    maps: it reads no prompt text, so it runs on a modular pipeline (Maps itself is an error there)."""
+
+    needs_prompt = False
 
     def __init__(self):
         super().__init__(words=["circle"], layers=["mid_block.attentions.0.transformer_blocks.0.attn2"])
@@ -271,3 +274,32 @@ def test_modular_sdxl_cfg_guider_rescales_by_the_models_own_cond_prediction(cfg)
         shifted_std = max(shifted_std, (eps.double() - _rescaled(guided, cond + delta, 0.7)).abs().max().item())
     assert worst <= 1e-5, f"max abs difference {worst:.3g}"
     assert shifted_std > 1e-3  # the guider's own rescale (std of the shifted cond rows) is not it
+
+
+@pytest.mark.parametrize("kind", ["maps", "regions", "excite"])
+def test_modular_sdxl_controls_that_need_the_prompt_text_are_an_error_at_the_first_denoiser_call(kind):
+    """A modular pipeline has no encode_prompt: attnctl never sees a call start or its prompts, so a control that
+    reads the prompt text stops at the first denoiser call, before it runs, with an error naming it; the pipeline
+    is restored and prompt-free controls (perturb) run."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from attnctl.errors import ControlError
+    from recording import Recorder
+    from test_engine import _prompt_controls
+
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert not hasattr(pipe, "encode_prompt")
+    stock = _modular_run(pipe)
+    recorder = Recorder(pipe)
+    try:
+        with pytest.raises(ControlError, match=rf"control '{kind}' needs the prompt text .*"
+                                               r"StableDiffusionXLModularPipeline has no encode_prompt"):
+            with apply(pipe, [Perturb(scale=2.0, layers=["mid_block"]), _prompt_controls(kind)]):
+                _modular_run(pipe)
+    finally:
+        recorder.close()
+    assert recorder.calls == []  # stopped before the denoiser ran
+    assert torch.equal(_modular_run(pipe), stock)
+    with apply(pipe, Perturb(scale=2.0, layers=["mid_block"])):
+        pag = _modular_run(pipe)
+    assert (pag - stock).abs().max() > 1e-3

@@ -370,7 +370,24 @@ class Session:
         (a ``LayoutError`` for a call of no known kind)."""
         return layout_of(self.adapter, self.denoiser_call(params, n_rows))
 
+    def _check_prompt_text(self) -> None:
+        """A control that reads the prompt text cannot run on a pipeline without ``encode_prompt`` (diffusers'
+        modular pipelines encode text in a block of their own): attnctl never sees such a call start, nor its
+        prompts. An error naming the control, at the first denoiser call; prompt-free controls run."""
+        if self._call_open or hasattr(self.pipe, "encode_prompt"):
+            return
+        needing = [c.name for c in self.controls if c.needs_prompt]
+        if needing:
+            names = ", ".join(repr(n) for n in needing)
+            raise ControlError(
+                f"control{'s' if len(needing) > 1 else ''} {names} need{'' if len(needing) > 1 else 's'} the prompt text (its words' token positions, each sample's prompt), which "
+                f"attnctl reads when a pipeline call encodes its prompt (encode_prompt); {type(self.pipe).__name__} "
+                "has no encode_prompt (a modular pipeline encodes text in a block of its own), so attnctl never "
+                "sees a call start or its prompts there. Run this control on the standard pipeline class (e.g. "
+                "StableDiffusionXLPipeline); controls that need no prompt text (perturb) run on this one")
+
     def _forward(self, *args, **kwargs):
+        self._check_prompt_text()
         params = dict(self._forward_signature.bind(*args, **kwargs).arguments)
         extra = params.pop("kwargs", None)
         if isinstance(extra, dict):
