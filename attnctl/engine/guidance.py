@@ -70,7 +70,6 @@ def _stand_in(original):
 
     rescale_noise_cfg.__wrapped__ = original
     rescale_noise_cfg.__doc__ = original.__doc__
-    rescale_noise_cfg._attnctl_original = original
     return rescale_noise_cfg
 
 
@@ -87,9 +86,9 @@ class RescaleWatch:
         the module has no ``rescale_noise_cfg`` to stand in for."""
         if namespace is None or not callable(namespace.get(RESCALE)):
             return False
-        if any(m is namespace for m in self.modules):
-            return True
         with _LOCK:
+            if any(m is namespace for m in self.modules):
+                return True
             entry = _PATCHED.get(id(namespace))
             if entry is None:
                 original = namespace[RESCALE]
@@ -98,7 +97,7 @@ class RescaleWatch:
             entry[3] += 1
             if self.fold not in _WATCHING:
                 _WATCHING.append(self.fold)
-        self.modules.append(namespace)
+            self.modules.append(namespace)
         return True
 
     def unwatch(self, namespace: dict) -> None:
@@ -174,8 +173,8 @@ class GuidanceFold:
         forms uncond + w (cond - uncond), weights summing to one, so adding delta to both the uncond and the cond
         rows of a sample adds exactly delta for any w (w = 1.0001 included). Without uncond rows the cond rows
         take delta. Where the pipeline reads the cond rows again after CFG on its own (``guidance_rescale``'s
-        std: ``reads_cond``), its ``rescale_noise_cfg`` is given the model's own cond rows for the rest of the
-        call (``RescaleWatch``), as diffusers' PAG pipelines compute it. Only a pipeline whose module has no
+        std: ``reads_cond``), its ``rescale_noise_cfg`` is given the model's own cond rows until the scheduler
+        steps (``RescaleWatch``), as diffusers' PAG pipelines compute it. Only a pipeline whose module has no
         ``rescale_noise_cfg`` keeps its cond rows the model's own, the uncond rows alone taking -delta / (w - 1)
         (float rounding then grows like w / (w - 1): about 1e-4 relative at w = 1.0001). Whatever the cond rows
         took is carried to the calls that follow at the same step and that the pipeline combines with them
@@ -190,14 +189,12 @@ class GuidanceFold:
         self.carry = None
         self.shifted = None
         if uncond:
+            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
+            index = [by_sample[layout.samples[r]] for r in uncond]  # the cond row of each uncond row's sample
             w = float(getattr(self.pipe, "guidance_scale", 1.0))
             if w > 1.0 and reads_cond(self.pipe) and not self.watch_pipeline():
-                by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-                index = [by_sample[layout.samples[r]] for r in uncond]  # the cond row of each uncond row's sample
                 base[uncond] = base[uncond] - delta[index] / (w - 1.0)  # cond rows unchanged: nothing to carry
                 return base
-            by_sample = {layout.samples[r]: i for i, r in enumerate(cond)}
-            index = [by_sample[layout.samples[r]] for r in uncond]
             base[uncond] = base[uncond] + delta[index]
         base[cond] = base[cond] + delta
         self.carry = (step.index, {layout.samples[r]: delta[i] for i, r in enumerate(cond)})
