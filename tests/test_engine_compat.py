@@ -163,7 +163,10 @@ def _modular_run(pipe, steps=3):
 
 
 class Roles(Maps):
-    """Maps on one cross-attention layer that also records each denoiser call's layout (kind, branches)."""
+    """Maps' sites (one cross-attention layer), recording each denoiser call's layout (kind, branches) instead of
+    maps: it reads no prompt text, so it runs on a modular pipeline (Maps itself is an error there)."""
+
+    needs_prompt = False
 
     def __init__(self):
         super().__init__(words=["circle"], layers=["mid_block.attentions.0.transformer_blocks.0.attn2"])
@@ -222,3 +225,81 @@ def test_modular_sdxl_guider_prediction_of_no_known_role_is_an_error():
     with pytest.raises(LayoutError, match=r"PerturbedAttentionGuidance guider for prediction 'pred_cond_skip'"):
         with apply(pipe):
             _modular_run(pipe)
+
+
+def _rescaled(noise_cfg, cond, rescale):
+    """diffusers' ``rescale_noise_cfg`` in float64."""
+    dims = list(range(1, noise_cfg.ndim))
+    std_cond, std_cfg = cond.std(dim=dims, keepdim=True), noise_cfg.std(dim=dims, keepdim=True)
+    return rescale * noise_cfg * (std_cond / std_cfg) + (1 - rescale) * noise_cfg
+
+
+@pytest.mark.parametrize("cfg", [1.0, 1.0001, 5.0])
+def test_modular_sdxl_cfg_guider_rescales_by_the_models_own_cond_prediction(cfg):
+    """A ``ClassifierFreeGuidance(guidance_rescale=0.7)`` guider rescales its prediction by the std of the cond
+    rows it got. PAG's delta is folded into the cond (and uncond) rows, so while the guider runs attnctl gives
+    its module's rescale_noise_cfg the cond rows as the model predicted them, as diffusers' PAG guider computes:
+    eps = rescale(uncond + w (cond - uncond) + s (cond - perturbed), cond) (without CFG: cond + s (...)),
+    recomputed here in float64 from the raw rows. The guider's module holds its own function again after."""
+    import sys
+
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from recording import Recorder
+
+    guider = ClassifierFreeGuidance(guidance_scale=cfg, guidance_rescale=0.7)
+    module = sys.modules[type(guider).__module__]
+    own = module.rescale_noise_cfg
+    pipe = modular_sdxl(guider)
+    recorder = Recorder(pipe)
+    try:
+        with apply(pipe, Perturb(scale=2.0, layers=["mid_block"])):
+            _modular_run(pipe)
+            assert module.rescale_noise_cfg is own
+    finally:
+        recorder.close()
+    assert module.rescale_noise_cfg is own and "forward" not in guider.__dict__
+    per_step = 1 if cfg == 1.0 else 2
+    assert [c.shape[0] for c in recorder.calls] == ([2, 1] if per_step == 2 else [2]) * 3
+    worst, shifted_std = 0.0, 0.0
+    for i, eps in enumerate(recorder.steps):
+        call = recorder.calls[per_step * i].double()
+        cond, perturbed = call[:1], call[1:]
+        delta = 2.0 * (cond - perturbed)
+        guided = cond + delta
+        if per_step == 2:
+            uncond = recorder.calls[per_step * i + 1].double()
+            guided = uncond + cfg * (cond - uncond) + delta
+        worst = max(worst, (eps.double() - _rescaled(guided, cond, 0.7)).abs().max().item())
+        shifted_std = max(shifted_std, (eps.double() - _rescaled(guided, cond + delta, 0.7)).abs().max().item())
+    assert worst <= 1e-5, f"max abs difference {worst:.3g}"
+    assert shifted_std > 1e-3  # the guider's own rescale (std of the shifted cond rows) is not it
+
+
+@pytest.mark.parametrize("kind", ["maps", "regions", "excite"])
+def test_modular_sdxl_controls_that_need_the_prompt_text_are_an_error_at_the_first_denoiser_call(kind):
+    """A modular pipeline has no encode_prompt: attnctl never sees a call start or its prompts, so a control that
+    reads the prompt text stops at the first denoiser call, before it runs, with an error naming it; the pipeline
+    is restored and prompt-free controls (perturb) run."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from attnctl.errors import ControlError
+    from recording import Recorder
+    from test_engine import _prompt_controls
+
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert not hasattr(pipe, "encode_prompt")
+    stock = _modular_run(pipe)
+    recorder = Recorder(pipe)
+    try:
+        with pytest.raises(ControlError, match=rf"control '{kind}' needs the prompt text .*"
+                                               r"StableDiffusionXLModularPipeline has no encode_prompt"):
+            with apply(pipe, [Perturb(scale=2.0, layers=["mid_block"]), _prompt_controls(kind)]):
+                _modular_run(pipe)
+    finally:
+        recorder.close()
+    assert recorder.calls == []  # stopped before the denoiser ran
+    assert torch.equal(_modular_run(pipe), stock)
+    with apply(pipe, Perturb(scale=2.0, layers=["mid_block"])):
+        pag = _modular_run(pipe)
+    assert (pag - stock).abs().max() > 1e-3

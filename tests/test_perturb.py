@@ -337,3 +337,95 @@ def test_layer_pag_matches_diffusers_near_guidance_one(family, layers):
         ours = pipe(PROMPT, **kwargs()).images
     difference = (ours - reference).abs().max().item()
     assert difference <= 1e-5, f"max abs difference {difference:.3g}"
+
+
+# -- guidance rescale --------------------------------------------------------------------------------------------
+RESCALE_LAYERS = {"sd15": [SD15_MID], "sdxl": ["mid_block.attentions.0.transformer_blocks.1.attn1"]}
+
+
+def rescaled(noise_cfg, cond, rescale):
+    """diffusers' ``rescale_noise_cfg`` (float64 in, float64 out)."""
+    dims = list(range(1, noise_cfg.ndim))
+    std_cond, std_cfg = cond.std(dim=dims, keepdim=True), noise_cfg.std(dim=dims, keepdim=True)
+    return rescale * noise_cfg * (std_cond / std_cfg) + (1 - rescale) * noise_cfg
+
+
+@pytest.mark.parametrize("cfg", [NEAR_ONE, 1.5, 7.5])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_layer_pag_with_guidance_rescale_matches_diffusers(family, cfg):
+    """diffusers' PAG pipelines rescale uncond + w (cond - uncond) + s (cond - perturbed) by the std of the
+    model's own cond prediction. attnctl folds PAG's delta into both rows (exact for any w) and gives the
+    pipeline's rescale_noise_cfg the cond rows as predicted. (Folding into the uncond rows alone, -delta /
+    (w - 1), was 3.7e-4 off at w = 1.0001.)"""
+    pipe, layers = tiny_pipeline(family), RESCALE_LAYERS[family]
+    kwargs = lambda: tiny_call_kwargs(family, guidance_scale=cfg, guidance_rescale=0.7)  # noqa: E731
+    reference = _pag_pipeline(family, pipe, layers)(PROMPT, pag_scale=2.5, **kwargs()).images
+    with apply(pipe, Perturb(scale=2.5, layers=layers, mode="image")):
+        ours = pipe(PROMPT, **kwargs()).images
+    plain = pipe(PROMPT, **kwargs()).images
+    difference = (ours - reference).abs().max().item()
+    assert difference <= 1e-5, f"max abs difference {difference:.3g}"
+    assert (plain - reference).abs().max() > 1e-2  # PAG did something the comparison can see
+
+
+@pytest.mark.parametrize("cfg", [NEAR_ONE, 1.5, 7.5])
+def test_guidance_rescale_formula_from_the_raw_rows(cfg):
+    """The scheduler's input is rescale(uncond + w (cond - uncond) + s (cond - perturbed), cond) to float32
+    precision, recomputed in float64 from the one batched call's raw rows; with the std of the shifted cond rows
+    (cond + s (cond - perturbed)) instead it is not."""
+    pipe = tiny_pipeline("sd15")
+    recorder = Recorder(pipe)
+    try:
+        with apply(pipe, Perturb(scale=1.5, layers=[SD15_MID])):
+            pipe(PROMPT, **tiny_call_kwargs("sd15", guidance_scale=cfg, guidance_rescale=0.7))
+    finally:
+        recorder.close()
+    assert len(recorder.calls) == len(recorder.steps) == 3
+    worst, shifted_std = 0.0, 0.0
+    for raw, eps in zip(recorder.calls, recorder.steps):
+        assert raw.shape[0] == 3
+        uncond, cond, perturbed = (raw[i : i + 1].double() for i in range(3))
+        delta = 1.5 * (cond - perturbed)
+        guided = uncond + cfg * (cond - uncond) + delta
+        worst = max(worst, (eps.double() - rescaled(guided, cond, 0.7)).abs().max().item())
+        shifted_std = max(shifted_std, (eps.double() - rescaled(guided, cond + delta, 0.7)).abs().max().item())
+    assert worst <= 1e-5, f"max abs difference {worst:.3g}"
+    assert shifted_std > 1e-3
+
+
+def test_guidance_rescale_stand_in_is_the_pipelines_own_again_after_each_call_exit_and_error(monkeypatch):
+    """The stand-in for the pipeline module's rescale_noise_cfg is in place only from the fold to the scheduler
+    step: after a call, after leaving apply, and after a call that raised inside it, the module holds what it
+    held before."""
+    import sys
+
+    pipe = tiny_pipeline("sd15")
+    module = sys.modules[type(pipe).__module__]
+    own = module.rescale_noise_cfg
+    seen, fail_at = [], []
+
+    def spy(noise_cfg, noise_pred_text, guidance_rescale=0.0):
+        seen.append(module.rescale_noise_cfg is not spy)  # called through attnctl's stand-in
+        if len(seen) in fail_at:
+            raise RuntimeError("rescale failed")
+        return own(noise_cfg, noise_pred_text, guidance_rescale=guidance_rescale)
+
+    monkeypatch.setattr(module, "rescale_noise_cfg", spy)
+    kwargs = lambda: tiny_call_kwargs("sd15", guidance_scale=5.0, guidance_rescale=0.7)  # noqa: E731
+    with apply(pipe, Perturb(scale=2.0, layers=[SD15_MID])):
+        pipe(PROMPT, **kwargs())
+        assert seen == [True] * 3 and module.rescale_noise_cfg is spy
+        fail_at.append(5)
+        with pytest.raises(RuntimeError, match="rescale failed"):
+            pipe(PROMPT, **kwargs())
+        assert len(seen) == 5
+        fail_at.clear()
+        pipe(PROMPT, **kwargs())  # the failed call is closed when the next one starts
+        assert seen == [True] * 8 and module.rescale_noise_cfg is spy
+        fail_at.append(10)
+        with pytest.raises(RuntimeError, match="rescale failed"):
+            pipe(PROMPT, **kwargs())
+        assert module.rescale_noise_cfg is not spy  # still in place after the error, until exit
+    assert module.rescale_noise_cfg is spy
+    assert pipe(PROMPT, **kwargs()).images is not None
+    assert seen[-1] is False  # outside apply the pipeline calls its own function

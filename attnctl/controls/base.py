@@ -68,6 +68,10 @@ class Control:
     # Why a family outside ``families`` cannot take this control (said in the error).
     family_notes: ClassVar[dict[str, str]] = {}
     takes_all_prompts: ClassVar[bool] = False  # attnctl run: one item per seed holding every prompt
+    # Reads the pipeline call's prompt text (word positions, per-sample prompts): the engine learns it from the
+    # pipeline's ``encode_prompt``, so on a pipeline without one (diffusers' modular pipelines) the control is
+    # an error at the first denoiser call.
+    needs_prompt: ClassVar[bool] = False
 
     def __init__(self, options: StrictOptions | dict | None = None, **kwargs: Any):
         if isinstance(options, self.Options):

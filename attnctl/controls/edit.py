@@ -130,6 +130,7 @@ class Edit(Control):
     """Prompt-to-Prompt / MM-DiT editing across the rows of one batch. See the module docstring."""
 
     name = "edit"
+    needs_prompt = True
     Options = EditOptions
 
     def __init__(self, options=None, *, mask=None, **kwargs):

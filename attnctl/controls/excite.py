@@ -211,6 +211,7 @@ class Excite(Control):
     """
 
     name = "excite"
+    needs_prompt = True
     Options = ExciteOptions
 
     def bind(self, session):

@@ -38,6 +38,7 @@ class Maps(Control):
     """
 
     name = "maps"
+    needs_prompt = True
     Options = MapsOptions
 
     def bind(self, session):

@@ -131,6 +131,7 @@ class Regions(Control):
     """Regional prompting by attention masks or biases; see the module docstring."""
 
     name = "regions"
+    needs_prompt = True
     Options = RegionsOptions
 
     @property

@@ -33,7 +33,7 @@ from ..layouts import GUIDED_KINDS, BatchLayout, DenoiserCall
 from ..tokens import find_phrase
 from .calls import AttentionCall
 from .clock import StepClock, StepInfo
-from .guidance import GuidanceFold
+from .guidance import GuidanceFold, code_globals
 from .install import Undo, dressed_as
 from .late_rows import LateRows
 from .latents import LatentUpdates, add_to_sample
@@ -197,6 +197,22 @@ class Session:
         self._undo.set_attr(guider, "prepare_models", dressed_as(prepare, prepare_models))
         self._undo.set_attr(guider, "cleanup_models", dressed_as(cleanup, cleanup_models))
 
+        # The guider combines the step's predictions in ``forward`` and rescales (``guidance_rescale > 0``) with
+        # ``rescale_noise_cfg`` of its module: while it runs, that function gets the model's own cond rows for the
+        # cond rows a guidance fold shifted (``attnctl.engine.guidance``), as diffusers' PAG guider computes.
+        forward = guider.forward
+        namespace = code_globals(type(guider).forward)
+
+        def guider_forward(*args, **kwargs):
+            watching = self.guidance.shifted is not None and self.guidance.watch.watch(namespace)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if watching:
+                    self.guidance.watch.unwatch(namespace)
+
+        self._undo.set_attr(guider, "forward", dressed_as(forward, guider_forward))
+
     def ensure_patched(self, processor_class: type) -> None:
         """Route ``processor_class``'s ``dispatch_attention_fn`` calls through attnctl (once per class and session;
         undone on exit). SDPA needs no patch: a mode sees it around hooked modules."""
@@ -224,6 +240,7 @@ class Session:
     def uninstall(self) -> None:
         if self._call_open:
             self._end_call()
+        self.guidance.release()
         errors = self._undo.undo_all()
         self.frame = None
         if errors:
@@ -256,6 +273,7 @@ class Session:
 
     def _end_call(self) -> None:
         self._call_open = False
+        self.guidance.release()
         self._encoded = []
         record = {"seconds": time.perf_counter() - self._call_started_at, "controls": {}}
         if self.late_rows.joined_at is not None:
@@ -352,7 +370,24 @@ class Session:
         (a ``LayoutError`` for a call of no known kind)."""
         return layout_of(self.adapter, self.denoiser_call(params, n_rows))
 
+    def _check_prompt_text(self) -> None:
+        """A control that reads the prompt text cannot run on a pipeline without ``encode_prompt`` (diffusers'
+        modular pipelines encode text in a block of their own): attnctl never sees such a call start, nor its
+        prompts. An error naming the control, at the first denoiser call; prompt-free controls run."""
+        if self._call_open or hasattr(self.pipe, "encode_prompt"):
+            return
+        needing = [c.name for c in self.controls if c.needs_prompt]
+        if needing:
+            names = ", ".join(repr(n) for n in needing)
+            raise ControlError(
+                f"control{'s' if len(needing) > 1 else ''} {names} need{'' if len(needing) > 1 else 's'} the prompt text (its words' token positions, each sample's prompt), which "
+                f"attnctl reads when a pipeline call encodes its prompt (encode_prompt); {type(self.pipe).__name__} "
+                "has no encode_prompt (a modular pipeline encodes text in a block of its own), so attnctl never "
+                "sees a call start or its prompts there. Run this control on the standard pipeline class (e.g. "
+                "StableDiffusionXLPipeline); controls that need no prompt text (perturb) run on this one")
+
     def _forward(self, *args, **kwargs):
+        self._check_prompt_text()
         params = dict(self._forward_signature.bind(*args, **kwargs).arguments)
         extra = params.pop("kwargs", None)
         if isinstance(extra, dict):
@@ -424,6 +459,7 @@ class Session:
         return with_sample(out, base)
 
     def _step(self, *args, **kwargs):
+        self.guidance.release()  # the step's guidance (and its rescale) is combined: the pipeline's own again
         args, kwargs = self.latents.add_to_step(args, kwargs)
         result = self._scheduler_step(*args, **kwargs)
         if self._last_step is None:
