@@ -23,7 +23,7 @@ PROMPT = "a red circle and a blue square"
 # Captions of different padded lengths (32 and 64 tokens with the chat turn): the main layers' rows are padded to
 # the longest and the processor passes a boolean key mask.
 # ZImagePipeline renders the chat template into the prompt list it is given (in place): pass a fresh list per call.
-PROMPTS = (PROMPT, "a cat on the left of a tree" + " and a small red ball in the middle" * 3)
+PROMPTS = (PROMPT, "a blue square and a red circle" + " and a small tree in the middle" * 4)
 
 
 def prompts():
@@ -131,3 +131,184 @@ def test_no_control_equals_stock_bit_for_bit_and_hooks_within_1e5(pipe):
             assert set(layouts) == {("cond", "cond", "uncond", "uncond"), ("cond", "cond")}
         else:
             assert set(layouts) == {("cond", "cond", "uncond", "uncond")}
+
+
+# -- perturb -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("site, mode", [(MAIN, "full"), (MAIN, "image"), (REFINER, "full")])
+def test_head_level_pag_changes_only_the_chosen_heads(pipe, site, mode):
+    """Perturbing head 1: on the perturbed rows heads 0, 2, 3 give exactly the cond rows' outputs; head 1 gives the
+    identity (full: V; image, main layers: image queries see only the text keys and themselves, float64 dense
+    reference). The perturbed rows follow [cond; uncond] and copy the cond rows."""
+    probe = Probe([site])
+    control = Perturb(layers=[f"{site}:heads=1"], scale=3.0, mode=mode)
+    with apply(pipe, [control, probe]) as session:
+        pipe(prompts(), **kwargs(steps=2))
+    assert session.last_run()["controls"]["perturb"]["steps"] == [0, 1]
+    assert len(probe.calls) == 2
+    for record in probe.calls:
+        layout = record["layout"]
+        assert layout.branches == ("cond", "cond", "uncond", "uncond", "perturb", "perturb")
+        assert layout.samples == (0, 1, 0, 1, 0, 1)
+        out, v = record["out"], record["v"]
+        for cond, perturbed in zip(layout.rows("cond"), layout.rows("perturb")):
+            assert torch.equal(out[perturbed, [0, 2, 3]], out[cond, [0, 2, 3]])
+            assert (out[perturbed, 1] - out[cond, 1]).abs().max() > 1e-3
+            if mode == "full":
+                assert torch.equal(out[perturbed, 1], v[perturbed, 1])
+                continue
+            text, seq = record["text"], v.shape[2]
+            keep = torch.zeros(seq, seq, dtype=torch.bool)
+            keep[:, text] = True
+            keep[text, :] = True
+            keep |= torch.eye(seq, dtype=torch.bool)
+            mask = record["bias"][perturbed, 0, 0] if record["bias"] is not None else torch.ones(seq, dtype=torch.bool)
+            keep &= mask[None, :]  # the row's own key mask: its batch padding stays out
+            q, k = record["q"][perturbed, 1].double(), record["k"][perturbed, 1].double()
+            scores = (q @ k.T / q.shape[-1] ** 0.5).masked_fill(~keep, float("-inf"))
+            expected = torch.softmax(scores, dim=-1) @ v[perturbed, 1].double()
+            real = mask.nonzero().flatten()  # padded query rows attend to nothing real: compare the others
+            torch.testing.assert_close(out[perturbed, 1][real].double(), expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_pag_scale_zero_is_plain_and_pag_folds_into_both_cfg_rows(pipe):
+    """Scale 0 adds no rows: the stock batch, bit for bit. With scale s the result is CFG's plus s (cond -
+    perturbed) exactly once: Z-Image's cond + w (cond - uncond) has weights summing to one, so the delta folded into
+    both rows passes through unchanged for any w (checked against the same PAG with w = 0, Turbo's no-CFG call)."""
+    plain = pipe(prompts(), **kwargs(steps=2)).images
+    with apply(pipe, Perturb(layers=[MAIN], scale=0.0)):
+        assert torch.equal(pipe(prompts(), **kwargs(steps=2)).images, plain)
+    with apply(pipe, Perturb(layers=[MAIN], scale=3.0)):
+        guided = pipe(prompts(), **kwargs(steps=2)).images
+    assert (guided - plain).abs().max() > 1e-3
+    # One step from the same latents: the PAG delta under CFG (w = 4) equals the one without CFG (w = 0).
+    deltas = {}
+    for w in (0.0, 4.0):
+        one = kwargs(steps=1, guidance_scale=w)
+        base = pipe(prompts(), **one).images
+        with apply(pipe, Perturb(layers=[MAIN], scale=3.0)):
+            deltas[w] = pipe(prompts(), **kwargs(steps=1, guidance_scale=w)).images - base
+    assert deltas[0.0].abs().max() > 1e-3
+    torch.testing.assert_close(deltas[4.0], deltas[0.0], atol=1e-5, rtol=0)
+
+
+# -- maps, regions, excite ---------------------------------------------------------------------------------------
+def test_maps_are_the_image_queries_softmax_column_over_the_image_tokens(pipe):
+    """A word's map is the head-mean softmax probability of each image query for the word's key, on the cond
+    row: softmax over every key of the row (its batch padding masked), read at the 8x8 image tokens only (not
+    the image padding, not the text queries)."""
+    maps = Maps(words=["circle"], layers=[MAIN])
+    probe = Probe([MAIN])
+    with apply(pipe, [maps, probe]) as session:
+        pipe(prompts(), **kwargs(steps=1))
+        at = session.text_positions(0, "circle")
+    assert len(at) == 1
+    (record,) = probe.calls
+    row = record["layout"].rows("cond")[0]
+    probs = probabilities(record, [row])
+    assert torch.allclose(probs.sum(-1), torch.ones((), dtype=torch.float64))
+    key = record["text"].start + at[0]
+    expected = probs[0, :, record["image"], key].mean(dim=0).reshape(8, 8)
+    torch.testing.assert_close(maps.maps["circle"][0].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+RED, BLUE = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+
+
+def test_hard_regions_confine_each_phrase_to_its_box(pipe):
+    """Image queries outside a phrase's box give its tokens zero weight and inside positive; the phrase's queries
+    see no image key outside its box. On the cond rows of the main layers, at 32x40 px (8x10 tokens, image padded
+    to 96 tokens) with captions of different lengths; the uncond rows keep the processor's mask only."""
+    regions = Regions(regions=[{"phrase": "red circle", "box": list(RED)}, {"phrase": "blue square", "box": list(BLUE)}],
+                      mode="hard", window={"start": 0, "stop": 1})
+    probe = Probe(["layers.0.attention", MAIN])
+    with apply(pipe, [regions, probe]) as session:
+        pipe(prompts(), **kwargs(steps=1, width=40))
+        positions = {p: [session.text_positions(0, p)] for p in ("red circle", "blue square")}
+    assert len(probe.calls) == 2
+    for record in probe.calls:
+        row = record["layout"].rows("cond")[0]  # sample 0: the prompt with both phrases
+        probs = probabilities(record, [row])[0]
+        image = record["image"]
+        h, w = record["grid"]
+        assert (h, w) == (8, 10)
+        columns = torch.arange(w).repeat(h)
+        for phrase, left in (("red circle", True), ("blue square", False)):
+            inside = (columns < w // 2) if left else (columns >= w // 2)
+            cols = [record["text"].start + p for p in positions[phrase][0]]
+            to_phrase = probs[:, image][..., cols]
+            assert bool((to_phrase[:, ~inside] == 0).all()) and bool((to_phrase[:, inside] > 0).all())
+            from_phrase = probs[:, cols][..., image]
+            assert bool((from_phrase[..., ~inside] == 0).all())
+        # the uncond rows carry no region bias: only the processor's key mask, the same for every query
+        for row in record["layout"].rows("uncond"):
+            bias = record["bias"][row]
+            assert bool(((bias == 0) | (bias == float("-inf"))).all()) and bool((bias == bias[:, :1]).all())
+
+
+def test_excite_raises_the_weakest_subjects_attention(pipe):
+    """Attend-and-Excite at step 0 raises the smoothed max attention of the subject that had the least: read by
+    the control before its update, and again by a run with a negligible step size from the latents the update
+    produced (the pipeline's own latents, (B, C, H, W), the batch view of the transformer's per-row list)."""
+    original, seen = pipe.transformer.forward, []
+
+    @functools.wraps(original)  # the engine binds arguments by the signature of the forward it wraps
+    def spy(*args, **kw):
+        if not torch.is_grad_enabled():
+            seen.append(torch.stack(kw["x"] if "x" in kw else args[0]).squeeze(2)[:1].detach().clone())
+        return original(*args, **kw)
+
+    def excite(scale_factor):
+        return Excite(subjects=[["circle", "square"]], window={"start": 0.0, "stop": 0.5}, thresholds={},
+                      scale_factor=scale_factor, layers=[MAIN])
+
+    pipe.transformer.forward = spy
+    try:
+        control = excite(200.0)
+        with apply(pipe, control):
+            pipe([PROMPT], **kwargs(steps=2))
+    finally:
+        pipe.transformer.forward = original
+    before = [float(x) for x in control.history[0]["max_attention"][0]]
+    weakest = before.index(min(before))
+    probe = excite(1e-9)
+    with apply(pipe, probe):
+        pipe([PROMPT], **kwargs(steps=2, latents=seen[0].float()))
+    after = [float(x) for x in probe.history[0]["max_attention"][0]]
+    assert after[weakest] > before[weakest] + 1e-4, (before, after)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+def test_selectors_and_controls_this_family_lacks_are_clear_errors(pipe):
+    with pytest.raises(SelectorError, match="'transformer_blocks.0'"):  # a FLUX/Qwen-Image block name
+        with apply(pipe, Perturb(layers=["transformer_blocks.0"])):
+            pass
+    with pytest.raises(SelectorError, match="'context_refiner.0'.*Close matches"):  # text only: not a site
+        with apply(pipe, Perturb(layers=["context_refiner.0"])):
+            pass
+    with pytest.raises(SelectorError, match="head 4 does not exist in layers.1.attention, which has 4 heads"):
+        with apply(pipe, Perturb(layers=["layers.1:heads=4"])):
+            pass
+    with pytest.raises(SelectorError, match="'kind=joint'"):
+        with apply(pipe, Maps(words=["cat"], layers=["kind=joint"])):
+            pass
+    from attnctl.controls.nag import Nag
+
+    with pytest.raises(ControlError, match="control 'nag' does not support the zimage family"):
+        with apply(pipe, Nag(negative_prompt="blue")):
+            pass
+    assert all(getattr(m, "_attnctl_session", None) is None for m in pipe.transformer.modules())
+
+
+def test_inversion_is_refused_naming_the_family(pipe):
+    from attnctl.inversion import invert
+
+    with pytest.raises(ControlError, match="zimage family"):
+        invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
+
+
+def test_omni_calls_are_a_layout_error(pipe):
+    """Z-Image-Omni passes a list of images per row: attnctl says it does not support that call."""
+    x = [[torch.zeros(4, 1, 16, 16)]]
+    with apply(pipe, Perturb(layers=[MAIN], scale=3.0)):
+        with pytest.raises(LayoutError, match="omni mode"):
+            pipe.transformer(x, torch.zeros(1), [[torch.zeros(8, 16)]], return_dict=False)
