@@ -191,6 +191,51 @@ def test_pag_scale_zero_is_plain_and_pag_folds_into_both_cfg_rows(pipe):
     torch.testing.assert_close(deltas[4.0], deltas[0.0], atol=1e-5, rtol=0)
 
 
+# -- PAG parity with diffusers' modular guider ----------------------------------------------------------------
+def _modular(pipe, guider):
+    """diffusers' modular Z-Image pipeline (``ZImageAutoBlocks``) on the same components, with ``guider``."""
+    from diffusers.modular_pipelines import ZImageAutoBlocks
+
+    modular = ZImageAutoBlocks().init_pipeline()
+    modular.update_components(**pipe.components, guider=guider)
+    return modular
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_layer_pag_matches_diffusers_modular_guider(pipe, index):
+    """diffusers' ``PerturbedAttentionGuidance`` on main layer ``index`` makes its attention return V for every
+    token (the joined [image; text] sequence of a single-stream layer: attnctl's mode='full'). Its window counts
+    steps strictly after int(start * steps), so step 0 never has PAG: attnctl's window starts after step 0 too.
+    Its CFG is uncond + g (cond - uncond), ZImagePipeline's cond + w (cond - uncond): g = w + 1.
+
+    float32, 3 steps, w = 4, PAG scale 2. The modular pipeline runs cond and uncond as separate calls (no caption
+    padding mask), which alone moves its latents by up to 3e-6 (scale 0, measured); the outputs agree to 1e-4 and
+    the change PAG makes (about 0.8) to 1e-4."""
+    from diffusers.guiders import PerturbedAttentionGuidance
+
+    site = f"layers.{index}.attention"
+    call = dict(prompt=PROMPT, num_inference_steps=3, height=32, width=32, max_sequence_length=64, output="latents")
+    theirs = {}
+    for scale in (0.0, 2.0):
+        guider = PerturbedAttentionGuidance(guidance_scale=5.0, perturbed_guidance_scale=scale,
+                                            perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+                                            perturbed_guidance_config={"indices": [index], "fqn": "layers"})
+        theirs[scale] = _modular(pipe, guider)(**call, generator=torch.Generator().manual_seed(0))
+    plain = pipe(PROMPT, **kwargs(steps=3)).images
+    torch.testing.assert_close(theirs[0.0], plain, atol=1e-5, rtol=0)
+    probe = Probe([site])
+    control = Perturb(scale=2.0, layers=[site], mode="full", window={"start": 0.3, "stop": 1.0})
+    with apply(pipe, [control, probe]) as session:
+        ours = pipe(PROMPT, **kwargs(steps=3)).images
+    assert session.last_run()["controls"]["perturb"]["steps"] == [1, 2]
+    for record in probe.calls:  # the perturbed rows' attention output is V itself, every token
+        rows = record["layout"].rows("perturb")
+        torch.testing.assert_close(record["out"][rows], record["v"][rows], atol=0, rtol=0)
+    assert (ours - plain).abs().max() > 1e-1
+    assert ((ours - plain) - (theirs[2.0] - theirs[0.0])).abs().max() < 1e-4
+    torch.testing.assert_close(ours, theirs[2.0], atol=1e-4, rtol=0)
+
+
 # -- maps, regions, excite ---------------------------------------------------------------------------------------
 def test_maps_are_the_image_queries_softmax_column_over_the_image_tokens(pipe):
     """A word's map is the head-mean softmax probability of each image query for the word's key, on the cond
