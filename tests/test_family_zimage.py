@@ -322,6 +322,18 @@ def test_excite_raises_the_weakest_subjects_attention(pipe):
     assert after[weakest] > before[weakest] + 1e-4, (before, after)
 
 
+def test_edit_word_swap_runs_on_the_main_layers(pipe):
+    """Prompt-to-prompt word swap: the target follows the source's attention; the source is its plain generation
+    (one batch [source, target] under [cond; uncond] CFG)."""
+    from attnctl.controls.edit import Edit
+
+    with apply(pipe, Edit()):
+        out = pipe(["a red circle", "a blue circle"], **kwargs(steps=2)).images
+    plain = pipe(["a red circle", "a blue circle"], **kwargs(steps=2)).images
+    assert (out[1] - plain[1]).abs().max() > 1e-4
+    torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)
+
+
 # -- bad input -------------------------------------------------------------------------------------------------
 def test_selectors_and_controls_this_family_lacks_are_clear_errors(pipe):
     with pytest.raises(SelectorError, match="'transformer_blocks.0'"):  # a FLUX/Qwen-Image block name
