@@ -236,6 +236,26 @@ def test_layer_pag_matches_diffusers_modular_guider(pipe, index):
     torch.testing.assert_close(ours, theirs[2.0], atol=1e-4, rtol=0)
 
 
+def test_attnctl_pag_on_the_modular_pipeline_equals_the_standard_one(pipe):
+    """Under diffusers' modular Z-Image pipeline with a ``ClassifierFreeGuidance`` guider (cond and uncond as
+    separate calls, each a one-row list) attnctl's PAG joins the cond call and the uncond call takes the same delta:
+    the result equals attnctl's PAG on ``ZImagePipeline`` ([cond; uncond] in one batch) within 1e-5, and no
+    control leaves the modular pipeline's latents bit for bit unchanged."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    modular = _modular(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
+    call = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=32, max_sequence_length=64, output="latents")
+    plain = modular(**call, generator=torch.Generator().manual_seed(0))
+    with apply(modular, []):
+        assert torch.equal(modular(**call, generator=torch.Generator().manual_seed(0)), plain)
+    with apply(modular, Perturb(layers=[MAIN], scale=2.0)):
+        theirs = modular(**call, generator=torch.Generator().manual_seed(0))
+    with apply(pipe, Perturb(layers=[MAIN], scale=2.0)):
+        ours = pipe(PROMPT, **kwargs(steps=2)).images
+    assert (theirs - plain).abs().max() > 1e-1
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
 # -- maps, regions, excite ---------------------------------------------------------------------------------------
 def test_maps_are_the_image_queries_softmax_column_over_the_image_tokens(pipe):
     """A word's map is the head-mean softmax probability of each image query for the word's key, on the cond
