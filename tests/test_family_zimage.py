@@ -191,6 +191,21 @@ def test_pag_scale_zero_is_plain_and_pag_folds_into_both_cfg_rows(pipe):
     torch.testing.assert_close(deltas[4.0], deltas[0.0], atol=1e-5, rtol=0)
 
 
+def test_a_call_with_prompt_embeds_only_starts_at_prepare_latents(pipe):
+    """Given prompt_embeds and no prompt, ZImagePipeline never calls encode_prompt; the call starts at
+    prepare_latents and its batch is read as [cond; uncond] from do_classifier_free_guidance: PAG gives what it
+    gives with the prompt, and a word-level control says it needs the prompt text."""
+    embeds, negative = pipe.encode_prompt([PROMPT], device="cpu")
+    with apply(pipe, Perturb(layers=[MAIN], scale=3.0)) as session:
+        by_text = pipe([PROMPT], **kwargs(steps=2)).images
+        by_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs(steps=2)).images
+        assert session.last_run()["controls"]["perturb"]["steps"] == [0, 1]
+    torch.testing.assert_close(by_embeds, by_text, atol=1e-6, rtol=0)
+    with apply(pipe, Maps(words=["circle"], layers=[MAIN])):
+        with pytest.raises(ControlError, match="needs the prompt text"):
+            pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **kwargs(steps=1))
+
+
 # -- PAG parity with diffusers' modular guider ----------------------------------------------------------------
 def _modular(pipe, guider):
     """diffusers' modular Z-Image pipeline (``ZImageAutoBlocks``) on the same components, with ``guider``."""

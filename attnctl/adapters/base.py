@@ -216,6 +216,11 @@ class Adapter:
         """``sample_to_batch``'s inverse: the prediction in the form the denoiser returns it."""
         return sample
 
+    # Pipeline methods every call of this family's pipelines runs before its first denoiser call, even when it
+    # skips ``check_inputs``/``encode_prompt`` (Z-Image's pipelines, given ``prompt_embeds`` without a prompt): the
+    # engine starts a pipeline call there if none is open (its prompts then unknown).
+    call_start_methods: tuple[str, ...] = ()
+
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The branches of a CFG batch's two halves, in order (``attnctl.layouts.cfg_batch``).
     cfg_order: tuple[str, str] = ("uncond", "cond")

@@ -30,9 +30,11 @@ include that delta. ``cfg_truncation`` drops CFG at late steps: those calls hold
 unpatchifies per input row after its blocks, so rows cannot join inside).
 
 Not supported: Z-Image-Omni's calls (``x`` a list of image lists with SigLIP features: a clear error), inversion
-of a real image (the Z-Image VAE's shift and scaling are not wired into ``attnctl.inversion``), and pipeline calls
-with ``prompt_embeds`` but no prompt (the pipeline then never calls ``encode_prompt``, so attnctl cannot see the
-call start and would read a CFG batch as cond rows: pass prompts).
+of a real image (the Z-Image VAE's shift and scaling are not wired into ``attnctl.inversion``). A pipeline call
+given ``prompt_embeds`` without a prompt never calls ``encode_prompt``: it starts at ``prepare_latents``
+(``call_start_methods``) with its prompts unknown, so its CFG batch is read from ``do_classifier_free_guidance``
+alone (a ``cfg_truncation`` step then needs an odd row count or prompts to be told apart) and word-level controls
+say they need the prompt text.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ZImageAdapter(Adapter):
     block_attrs = ()  # extra rows cannot join inside: the transformer unpatchifies per input row
     late_rows_blockers = frozenset({"controlnet_block_samples"})
     cfg_order = ("cond", "uncond")
+    call_start_methods = ("prepare_latents",)  # given prompt_embeds without a prompt, no encode_prompt runs
     layout_kinds = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
     inversion_unsupported = ("Z-Image latents are shifted and scaled by its VAE and its transformer takes per-row "
                              "lists, which attnctl's inversion does not implement; edit by prompt without an "

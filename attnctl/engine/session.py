@@ -141,6 +141,9 @@ class Session:
         if hasattr(self.pipe, "check_inputs"):
             self._check_inputs = self.pipe.check_inputs
             set_attr(self.pipe, "check_inputs", dressed_as(self._check_inputs, self._wrapped_check_inputs))
+        for name in self.adapter.call_start_methods:  # calls that skip encode_prompt start here
+            if hasattr(self.pipe, name):
+                set_attr(self.pipe, name, dressed_as(getattr(self.pipe, name), self._call_starter(getattr(self.pipe, name))))
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self._free_hooks = self.pipe.maybe_free_model_hooks
             set_attr(self.pipe, "maybe_free_model_hooks", self._wrapped_free_hooks)
@@ -295,6 +298,16 @@ class Session:
         result = self._encode_prompt(*args, **kwargs)
         self._encoded.append(result)  # the denoiser calls' text embeddings are matched against these
         return result
+
+    def _call_starter(self, method):
+        """``method`` (one of the adapter's ``call_start_methods``), starting a pipeline call with unknown prompts
+        when none is open or the open one already reached the denoiser (a call that skipped ``encode_prompt``)."""
+        def start(*args, **kwargs):
+            if not self._call_open or self._denoised_in_call:
+                self._start_call(None, 1)
+            return method(*args, **kwargs)
+
+        return start
 
     def _wrapped_free_hooks(self, *args, **kwargs):
         if self._call_open:
