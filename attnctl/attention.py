@@ -193,9 +193,12 @@ def key_probabilities(
     """Attention probabilities of every query for the keys at ``positions``: (B, H, Sq, len(positions)).
 
     The softmax normaliser runs over all keys, in chunks of ``chunk`` queries, so memory stays
-    O(chunk x Sk) however long the sequence; only the requested columns are kept. Differentiable.
+    O(chunk x Sk) however long the sequence; only the requested columns are kept. Differentiable. A boolean
+    ``bias`` is a mask (True = may attend), as for SDPA: a processor's own key mask reaches here unchanged.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if bias is not None and bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=q.dtype, device=bias.device).masked_fill(~bias, float("-inf"))
     positions = torch.as_tensor(positions, device=q.device, dtype=torch.long)
     pieces = []
     for start in range(0, q.shape[2], chunk):

@@ -8,7 +8,8 @@ asks for the kind, then for the layout, and never branches on the family.
 Kinds (``rows`` = the call's batch size, ``n`` = the number of images the pipeline call generates):
 
 ``cfg_batch``     CFG in one batch (SD1.x/2.x, SDXL, SD3 with ``guidance_scale > 1``): ``n`` uncond rows, then
-                  ``n`` cond rows. Extra branches (PAG's perturbed rows) and latent updates act here.
+                  ``n`` cond rows, or the reverse where the adapter declares it (``Adapter.cfg_order``: Z-Image
+                  runs [cond; uncond]). Extra branches (PAG's perturbed rows) and latent updates act here.
 ``cond_batch``    every row conditional: a pipeline without CFG, FLUX's main call. Extra branches act here.
 ``uncond_call``   every row unconditional, in a call of its own: FLUX's true CFG (a negative prompt and
                   ``true_cfg_scale > 1``). No extra branch; the rows take the guidance delta the step's cond
@@ -84,7 +85,9 @@ class DenoiserCall:
     second one: FLUX's negative prompt), None when they match none; ``samples``: the number of images the
     pipeline call generates when its prompts are known, else None; ``guider``: the class name of the diffusers
     guider that prepared this call (modular pipelines), and ``guider_prediction`` the prediction it is for
-    (``pred_cond``, ``pred_uncond``, ...), None without a guider.
+    (``pred_cond``, ``pred_uncond``, ...), None without a guider; ``cfg_order``: the branches of a CFG batch's
+    two halves in order (the adapter's ``cfg_order``: ``("uncond", "cond")`` for diffusers' usual
+    ``torch.cat([negative, positive])``).
     """
 
     denoiser: str
@@ -97,6 +100,7 @@ class DenoiserCall:
     samples: int | None = None
     guider: str | None = None
     guider_prediction: str | None = None
+    cfg_order: tuple[str, str] = ("uncond", "cond")
 
     def describe(self) -> str:
         return f"{self.denoiser} call with {self.rows} row{'s' if self.rows != 1 else ''}"
@@ -118,15 +122,17 @@ def _check_samples(call: DenoiserCall, kind: str, expected: int) -> None:
 
 def cfg_batch(call: DenoiserCall) -> BatchLayout:
     """CFG in one batch: rows (2n, ...) = [uncond x n; cond x n], sample i at rows i and n + i (diffusers'
-    ``torch.cat([negative, positive])``). An odd row count is a ``LayoutError``."""
+    ``torch.cat([negative, positive])``), or [cond x n; uncond x n] where ``call.cfg_order`` says so. An odd row
+    count is a ``LayoutError``."""
+    first, second = call.cfg_order
     if call.rows % 2:
         raise LayoutError(f"{call.describe()}: layout {CFG_BATCH!r} (the pipeline runs classifier-free guidance "
-                          "in one batch) expects an even number of rows, [uncond x n; cond x n]; an odd batch "
-                          "is not a layout attnctl knows (a diffusers PAG pipeline's own perturbed rows?)")
+                          f"in one batch) expects an even number of rows, [{first} x n; {second} x n]; an odd "
+                          "batch is not a layout attnctl knows (a diffusers PAG pipeline's own perturbed rows?)")
     if call.samples is not None:
         _check_samples(call, CFG_BATCH, 2 * call.samples)
     half = call.rows // 2
-    return BatchLayout(("uncond",) * half + ("cond",) * half, tuple(range(half)) * 2, CFG_BATCH)
+    return BatchLayout((first,) * half + (second,) * half, tuple(range(half)) * 2, CFG_BATCH)
 
 
 def cond_batch(call: DenoiserCall) -> BatchLayout:

@@ -14,10 +14,11 @@ import torch
 from .errors import ModelError
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", "zimage")
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32, "qwenimage": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32, "qwenimage": 32,
+             "zimage": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -193,8 +194,14 @@ def _qwenimage(tokenizer):
     return tiny_qwenimage()
 
 
+def _zimage(tokenizer):
+    from .testing_qwenimage import tiny_zimage  # a Qwen3 text encoder: the Qwen tokenizer
+
+    return tiny_zimage()
+
+
 _BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "chroma": _chroma,
-             "qwenimage": _qwenimage}
+             "qwenimage": _qwenimage, "zimage": _zimage}
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -237,6 +244,8 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
         kwargs["guidance_scale"] = 4.0
     elif family == "qwenimage":  # one call per step; true CFG (negative_prompt, true_cfg_scale > 1) adds a second
         kwargs.update(guidance_scale=None, true_cfg_scale=1.0)  # not guidance-distilled
+    elif family == "zimage":  # CFG in one [cond; uncond] batch (Z-Image-Turbo: guidance_scale=0, no CFG)
+        kwargs.update(guidance_scale=4.0, max_sequence_length=64)
     else:
         kwargs["guidance_scale"] = 5.0
     kwargs.update(overrides)

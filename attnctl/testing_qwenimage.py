@@ -140,3 +140,31 @@ def tiny_qwenimage(tokenizer=None):
     )
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
+
+
+def tiny_zimage(tokenizer=None):
+    """A random ``ZImagePipeline``: 2 main single-stream layers and 1 image / 1 caption refiner layer, 4 heads x 8
+    dims, a 2-layer Qwen3 text encoder, a 2-level VAE (latents 1/2 of the pixels, patchified 2x2 by the
+    transformer). Run it at 32x32 pixels (8x8 image tokens)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = tokenizer or build_qwen_tokenizer()
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=pad,
+    ))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=4, n_kv_heads=4, cap_feat_dim=16, axes_dims=[2, 2, 4], axes_lens=[1024, 64, 64],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, norm_num_groups=4,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)

@@ -27,6 +27,19 @@ def test_key_probabilities_match_softmax_in_chunks(seed):
     torch.testing.assert_close(got, probs[..., [5, 0, 59]], atol=1e-12, rtol=1e-10)
 
 
+def test_key_probabilities_read_a_boolean_bias_as_a_mask():
+    """A processor's own key mask (True = may attend; Z-Image and Qwen-Image pass one when rows differ in length)
+    reaches map captures unchanged: it masks, as in SDPA, rather than adding 1 to the kept scores."""
+    q, k = _rand(2, 3, 10, 8, seed=1), _rand(2, 3, 12, 8, seed=2)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[1, ..., 9:] = False  # row 1's last three keys are padding
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    probs, _ = _softmax_ref(q, k, k, additive)
+    got = key_probabilities(q, k, [0, 4, 10], bias=mask, chunk=4)
+    torch.testing.assert_close(got, probs[..., [0, 4, 10]], atol=1e-12, rtol=1e-10)
+    assert bool((got[1, ..., 2] == 0).all())
+
+
 def test_softpag_blend_per_head_float64():
     q, k, v = (_rand(3, 4, 20, 8, seed=s) for s in (1, 2, 3))
     u = torch.tensor([[0.0] * 4, [0.0] * 4, [1.0, 0.3, 0.0, 0.7]], dtype=torch.float64)

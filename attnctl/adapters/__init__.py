@@ -10,6 +10,7 @@ from .chroma import ChromaAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
+from .zimage import ZImageAdapter
 
 # Registry: checked in order; the first adapter whose ``matches`` accepts the pipeline wins.
 ADAPTERS: dict[str, type[Adapter]] = {
@@ -20,6 +21,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "flux2": Flux2Adapter,
     "chroma": ChromaAdapter,
     "qwenimage": QwenImageAdapter,
+    "zimage": ZImageAdapter,
 }
 
 FAMILY_NAMES = {
@@ -30,6 +32,7 @@ FAMILY_NAMES = {
     "flux2": "FLUX.2 [dev] / [klein] (MM-DiT)",
     "chroma": "Chroma (FLUX-derived MM-DiT, T5 only)",
     "qwenimage": "Qwen-Image (MM-DiT)",
+    "zimage": "Z-Image / Z-Image-Turbo (single-stream DiT)",
 }
 
 

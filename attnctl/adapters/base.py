@@ -51,6 +51,12 @@ class TextSegment:
     max_length: int
 
 
+class RowList(list):
+    """A call argument with one item per row whose items may differ in shape (Z-Image's caption features: one
+    (L_i, C) tensor per row). An adapter's ``to_batch`` marks such arguments; the engine's ``take_rows`` picks
+    their items like a batch-major tensor's rows."""
+
+
 def n_tokens(hidden_states: torch.Tensor) -> int:
     """Sequence length of a module input: (B, S, C) -> S; a (B, C, H, W) feature map -> H * W."""
     if hidden_states.ndim == 4:
@@ -72,7 +78,9 @@ class Adapter:
     latent_arg: str = ""
     text_arg: str = "encoder_hidden_states"
     unbatched_args: frozenset[str] = frozenset()
+    timestep_arg: str = "timestep"
     timestep_scale: float = 1.0  # the pipeline passes timestep / scale to the denoiser (FLUX: t / 1000)
+    timestep_offset: float = 0.0  # the scheduler's timestep = offset + scale * the denoiser's (Z-Image: 1000, -1000)
     # Declarations the discovery methods below read ("module:Class" paths, imported when first needed).
     denoiser_class: str = ""  # the pipeline's denoiser that identifies the family
     attention_class: str = "diffusers.models.attention_processor:Attention"
@@ -187,7 +195,35 @@ class Adapter:
         """The text stream at the first block for ``text`` (B, S, C) (only where ``text_stream`` is True)."""
         raise NotImplementedError
 
+    # -- the call as the engine sees it: one batch ------------------------------------------------------------
+    # The engine works on a batch view of each denoiser call: ``latent_arg`` one batch-major tensor (B, ...), every
+    # per-row argument batch-major (a tensor, or a ``RowList`` of items that differ in shape)
+    # and the noise prediction one (B, ...) tensor. Every family but Z-Image passes and returns exactly that, so
+    # these are identities; Z-Image's transformer takes and returns Python lists with one tensor per row.
+    def to_batch(self, params: dict) -> dict:
+        """The denoiser call's arguments (by name) in the engine's batch view."""
+        return params
+
+    def from_batch(self, params: dict) -> dict:
+        """``to_batch``'s inverse: the arguments the denoiser takes."""
+        return params
+
+    def sample_to_batch(self, sample):
+        """The denoiser's noise prediction (what ``attnctl.engine.rows.get_sample`` finds) as one (B, ...) tensor."""
+        return sample
+
+    def sample_from_batch(self, sample: torch.Tensor):
+        """``sample_to_batch``'s inverse: the prediction in the form the denoiser returns it."""
+        return sample
+
+    # Pipeline methods every call of this family's pipelines runs before its first denoiser call, even when it
+    # skips ``check_inputs``/``encode_prompt`` (Z-Image's pipelines, given ``prompt_embeds`` without a prompt): the
+    # engine starts a pipeline call there if none is open (its prompts then unknown).
+    call_start_methods: tuple[str, ...] = ()
+
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
+    # The branches of a CFG batch's two halves, in order (``attnctl.layouts.cfg_batch``).
+    cfg_order: tuple[str, str] = ("uncond", "cond")
     # The kinds of denoiser call this family's pipelines make. UNet pipelines: CFG in one batch, or no CFG.
     # A diffusers guider (modular pipelines) runs the uncond prediction as a call of its own.
     layout_kinds: tuple[str, ...] = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)

@@ -1,6 +1,7 @@
 """``attnctl bench overhead``: per-step time of each family, stock vs. through attnctl with no control.
 
-Families: the tiny random pipelines (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``qwenimage``) and the embedded trained models
+Families: the tiny random pipelines (``sd15``, ``sdxl``, ``sd3``, ``flux``, ``flux2``, ``chroma``, ``qwenimage``,
+``zimage``) and the embedded trained models
 (``shapes``, ``shapes-dit``, 64 px at 25 steps as a user runs them). Sizes are chosen so one step takes at
 least ~20 ms on 2 CPU cores (shorter steps would mostly measure timer noise); stock and attnctl runs alternate
 (A B A B ...) so drift hits both, and the median of ``repeats`` runs is reported with min and max.
@@ -20,12 +21,12 @@ from ..errors import AttnctlError, did_you_mean
 # Step counts are multiples of 5, so a window of the first 20% (bench pipeline's cfg+pag[0-0.2]) is exactly 20%.
 SIZES = {"sd15": (96, 96, 5), "sdxl": (128, 128, 5), "sd3": (96, 96, 5), "flux": (192, 192, 5),
          "flux2": (192, 192, 5), "chroma": (192, 192, 5), "qwenimage": (128, 128, 5),
-         "shapes": (64, 64, 25), "shapes-dit": (64, 64, 25)}
+         "zimage": (128, 128, 5), "shapes": (64, 64, 25), "shapes-dit": (64, 64, 25)}
 QUICK = {"sd15": (32, 32, 2), "sdxl": (32, 32, 2), "sd3": (32, 32, 2), "flux": (32, 32, 2),
          "flux2": (32, 32, 2), "chroma": (32, 32, 2), "qwenimage": (32, 32, 2),
-         "shapes": (64, 64, 2), "shapes-dit": (64, 64, 2)}
+         "zimage": (32, 32, 2), "shapes": (64, 64, 2), "shapes-dit": (64, 64, 2)}
 EMBEDDED = ("shapes", "shapes-dit")
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", *EMBEDDED)
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", "zimage", *EMBEDDED)
 
 
 def check_families(families) -> list[str]:

@@ -74,6 +74,8 @@ class BenchContext:
         if self.family in ("flux", "qwenimage"):  # CFG as true CFG: a negative prompt, a second call per step
             if cfg:
                 kwargs.update(true_cfg_scale=4.0, negative_prompt=NEGATIVE)
+        elif self.family == "zimage":  # ZImagePipeline runs CFG whenever guidance_scale > 0 (Turbo: 0)
+            kwargs["guidance_scale"] = 5.0 if cfg else 0.0
         else:
             kwargs["guidance_scale"] = 5.0 if cfg else 1.0
         kwargs.update(overrides)

@@ -64,7 +64,8 @@ class Control:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[StrictOptions]] = StrictOptions
-    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage")
+    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage",
+                                           "zimage")
     # Why a family outside ``families`` cannot take this control (said in the error).
     family_notes: ClassVar[dict[str, str]] = {}
     takes_all_prompts: ClassVar[bool] = False  # attnctl run: one item per seed holding every prompt

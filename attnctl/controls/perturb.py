@@ -29,7 +29,9 @@ see every text key, text queries see everything). ``image`` is what diffusers' S
 Default targets when none are given (``DEFAULT_LAYERS``): diffusers' PAG defaults written as exact selectors:
 SD1.x and SDXL ``mid_block`` (its self-attention; diffusers' ``"mid"``), SD3 ``transformer_blocks.1``
 (diffusers' ``"blocks.1"`` without its match of blocks 10-19), FLUX ``single_transformer_blocks.0`` (diffusers
-has no FLUX PAG; our choice, present in every FLUX checkpoint: run ``attnctl hunt`` to find better heads).
+has no FLUX PAG; our choice, present in every FLUX checkpoint: run ``attnctl hunt`` to find better heads),
+Z-Image ``layers.1`` (the second main single-stream layer; also our choice, as for Qwen-Image's
+``transformer_blocks.1``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
     "flux2": ["single_transformer_blocks.0"],
     "chroma": ["single_transformer_blocks.0"],
     "qwenimage": ["transformer_blocks.1"],
+    "zimage": ["layers.1"],
 }
 
 # Sites an identity map makes sense at: the query and key sequences are the same tokens.

@@ -27,9 +27,11 @@ class StepInfo:
 class StepClock:
     """Maps a denoiser call's timestep to a ``StepInfo`` on ``pipe.scheduler``'s schedule."""
 
-    def __init__(self, pipe, timestep_scale: float = 1.0):
+    def __init__(self, pipe, timestep_scale: float = 1.0, timestep_offset: float = 0.0):
         self.pipe = pipe
-        self.timestep_scale = timestep_scale  # the pipeline passes timestep / scale to the denoiser (FLUX)
+        # the scheduler's timestep is offset + scale * the denoiser's (FLUX: t / 1000; Z-Image: (1000 - t) / 1000)
+        self.timestep_scale = timestep_scale
+        self.timestep_offset = timestep_offset
         self._key = None
         self._clock: torch.Tensor | None = None
 
@@ -39,7 +41,7 @@ class StepClock:
 
     def step_info(self, timestep) -> StepInfo:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        t *= self.timestep_scale
+        t = self.timestep_offset + t * self.timestep_scale
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
             return StepInfo(0, 1, 0.0, t)

@@ -51,7 +51,7 @@ class LatentUpdate:
         previous, session.frame = session.frame, frame
         try:
             with torch.enable_grad():
-                return get_sample(session.forward_original(**params))
+                return get_sample(session.call_denoiser(params))
         finally:
             session.frame = previous
 
@@ -77,7 +77,7 @@ class LatentUpdates:
         session = self.session
         x = params[session.adapter.latent_arg]
         cond = frame.layout.rows("cond")
-        scale = session.clock.input_scale(params.get("timestep", 0))
+        scale = session.clock.input_scale(params.get(session.adapter.timestep_arg, 0))
         z = (x[cond] / scale).detach()
         update = LatentUpdate(session, params, cond, scale, z, frame)
         delta = torch.zeros_like(z)

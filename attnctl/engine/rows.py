@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.base import RowList
 from ..layouts import BatchLayout, DenoiserCall, layout_for
 from .clock import StepInfo
 
@@ -50,7 +51,7 @@ def describe_call(pipe, adapter, denoiser, params: dict, n_rows: int, *, in_pipe
             break
     name, prediction = guider if guider is not None else (None, None)
     return DenoiserCall(type(denoiser).__name__, n_rows, params, in_pipeline, cfg, context, source, samples, name,
-                        prediction)
+                        prediction, tuple(adapter.cfg_order))
 
 
 def layout_of(adapter, call: DenoiserCall) -> BatchLayout:
@@ -60,9 +61,14 @@ def layout_of(adapter, call: DenoiserCall) -> BatchLayout:
 
 
 def take_rows(value, rows: list[int], n: int, skip: Iterable[str] = (), _key: str | None = None):
-    """Index every batch-major tensor (first dim ``n``) in a nested dict/list by ``rows``; leave the rest."""
+    """Index every batch-major tensor (first dim ``n``) in a nested dict/list by ``rows``, and every ``RowList``
+    of ``n`` items; leave the rest."""
     if _key is not None and _key in skip:
         return value
+    if isinstance(value, RowList):
+        if len(value) != n:
+            raise ValueError(f"argument {_key or '(nested)'} has {len(value)} rows where the call has {n}")
+        return RowList(value[r] for r in rows)
     if isinstance(value, torch.Tensor):
         if value.ndim > 0 and value.shape[0] == n:
             return value[rows]
@@ -96,4 +102,4 @@ def with_sample(out, sample: torch.Tensor):
     return out
 
 
-__all__ = ["Frame", "describe_call", "get_sample", "layout_of", "take_rows", "with_sample"]
+__all__ = ["Frame", "RowList", "describe_call", "get_sample", "layout_of", "take_rows", "with_sample"]

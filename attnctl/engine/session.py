@@ -61,7 +61,7 @@ class Session:
         self.images_per_prompt = 1
         self.share_prefix = share_prefix
         self.forward_original = self.denoiser.forward  # the forward attnctl's wrapper calls (set on install)
-        self.clock = StepClock(pipe, self.adapter.timestep_scale)
+        self.clock = StepClock(pipe, self.adapter.timestep_scale, self.adapter.timestep_offset)
         self.guidance = GuidanceFold(pipe)
         self.latents = LatentUpdates(self)
         self.late_rows = LateRows(self)
@@ -141,6 +141,9 @@ class Session:
         if hasattr(self.pipe, "check_inputs"):
             self._check_inputs = self.pipe.check_inputs
             set_attr(self.pipe, "check_inputs", dressed_as(self._check_inputs, self._wrapped_check_inputs))
+        for name in self.adapter.call_start_methods:  # calls that skip encode_prompt start here
+            if hasattr(self.pipe, name):
+                set_attr(self.pipe, name, dressed_as(getattr(self.pipe, name), self._call_starter(getattr(self.pipe, name))))
         if hasattr(self.pipe, "maybe_free_model_hooks"):
             self._free_hooks = self.pipe.maybe_free_model_hooks
             set_attr(self.pipe, "maybe_free_model_hooks", self._wrapped_free_hooks)
@@ -314,6 +317,16 @@ class Session:
         self._encoded.append(result)  # the denoiser calls' text embeddings are matched against these
         return result
 
+    def _call_starter(self, method):
+        """``method`` (one of the adapter's ``call_start_methods``), starting a pipeline call with unknown prompts
+        when none is open or the open one already reached the denoiser (a call that skipped ``encode_prompt``)."""
+        def start(*args, **kwargs):
+            if not self._call_open or self._denoised_in_call:
+                self._start_call(None, 1)
+            return method(*args, **kwargs)
+
+        return start
+
     def _wrapped_free_hooks(self, *args, **kwargs):
         if self._call_open:
             self._end_call()
@@ -393,12 +406,14 @@ class Session:
         if isinstance(extra, dict):
             params.update(extra)
         adapter = self.adapter
+        params = adapter.to_batch(params)  # the engine's batch view (the adapter's ``to_batch``)
         x = params[adapter.latent_arg]
         n = x.shape[0]
-        step = self.step_info(params.get("timestep", 0))
+        step = self.step_info(params.get(adapter.timestep_arg, 0))
         layout = self.layout(params, n)
         text = params.get(adapter.text_arg)
-        frame = Frame(step, layout, adapter.latent_hw(params), text.shape[1] if text is not None else None, params)
+        text_len = text.shape[1] if isinstance(text, torch.Tensor) else None  # per-row texts (RowList): none
+        frame = Frame(step, layout, adapter.latent_hw(params), text_len, params)
         self._denoised_in_call = True
         self._last_step = step
         guided = layout.kind in GUIDED_KINDS and layout.has("cond")  # never a follower call (see layouts)
@@ -438,11 +453,11 @@ class Session:
         previous, self.frame = self.frame, frame
         self.late_rows.pending = join
         try:
-            out = self.forward_original(**params)
+            out = self.call_denoiser(params)
         finally:
             self.frame, self.late_rows.pending = previous, None
         if not names:
-            return self.guidance.follow(out, layout, step)
+            return self._returned(self.guidance.follow(out, layout, step))
         sample = get_sample(out)
         cond = layout.rows("cond")
         preds = {"cond": sample[cond]}
@@ -456,7 +471,17 @@ class Session:
         base = sample[:n]
         if delta is not None:
             base = self.guidance.fold(base, layout, step, delta)
-        return with_sample(out, base)
+        return self._returned(with_sample(out, base))
+
+    def call_denoiser(self, params: dict):
+        """Run the denoiser's own forward on ``params`` (the batch view); its output with the noise prediction as
+        one (B, ...) tensor (the adapter's ``from_batch`` / ``sample_to_batch``)."""
+        out = self.forward_original(**self.adapter.from_batch(params))
+        return with_sample(out, self.adapter.sample_to_batch(get_sample(out)))
+
+    def _returned(self, out):
+        """``out`` with its noise prediction back in the form the denoiser returns it."""
+        return with_sample(out, self.adapter.sample_from_batch(get_sample(out)))
 
     def _step(self, *args, **kwargs):
         self.guidance.release()  # the step's guidance (and its rescale) is combined: the pipeline's own again
