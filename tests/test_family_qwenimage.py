@@ -225,3 +225,24 @@ def test_inverting_a_real_image_says_the_family_is_not_supported(pipe):
 
     with pytest.raises(AttnctlError, match="does not support the qwenimage family.*AutoencoderKLQwenImage"):
         invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
+
+
+def test_edit_reference_grids_and_a_mask_covering_them_is_refused(tmp_path):
+    """Qwen-Image-Edit's ``img_shapes`` holds [generated grid, reference grid] per sample (its pipeline is not
+    built tiny here: the Qwen2.5-VL processor's vision side): the adapter reads the reference grid, and a regions
+    mask drawn on the generated image and its reference side by side is refused by name."""
+    from PIL import Image
+
+    from attnctl.adapters.qwenimage import QwenImageAdapter
+    from attnctl.errors import ControlError
+
+    params = {"img_shapes": [[(1, 8, 8), (1, 8, 12)]]}
+    adapter = QwenImageAdapter()
+    assert adapter.latent_hw(params) == (8, 8) and adapter.reference_grids(params) == [(8, 12)]
+    assert adapter.reference_grids({"img_shapes": [[(1, 8, 8)]]}) == []
+    path = tmp_path / "joined.png"
+    Image.new("L", (100, 40), 255).save(path)  # (8 + 12) x 8 tokens: 2.5 wide
+    regions = Regions(regions=[{"phrase": "circle", "box": [0, 0, 1, 1]}, {"phrase": "square", "mask": str(path)}])
+    with pytest.raises(ControlError, match=r"regions\.1\.mask = .*joined\.png.*side by side.*generated image only"):
+        regions._check_references(adapter.latent_hw(params), adapter.reference_grids(params))
+    regions._check_references((8, 20), [])  # no references: the usual aspect check applies, not this one

@@ -150,6 +150,11 @@ class Adapter:
         """Height and width of the latent grid the denoiser sees (in its own tokens/pixels)."""
         raise NotImplementedError
 
+    def reference_grids(self, params: dict) -> list[tuple[int, int]]:
+        """(h, w) token grids of the reference images a denoiser call with ``params`` carries after the generated
+        image's tokens (FLUX.2 ``image=[...]``, Qwen-Image-Edit); none in most families."""
+        return []
+
     def image_grid(self, latent_hw: tuple[int, int], n_image_tokens: int) -> tuple[int, int]:
         """(h, w) of the image tokens at a layer with ``n_image_tokens`` tokens, for any aspect ratio."""
         height, width = latent_hw

@@ -71,6 +71,9 @@ class QwenImageAdapter(Adapter):
         _, height, width = grids[0]
         return height, width
 
+    def reference_grids(self, params):
+        return [(height, width) for _, height, width in self._grids(params)[1:]]
+
     def call_kind(self, call):
         """Qwen-Image pipelines name their calls with ``transformer.cache_context("cond" | "uncond")``. A call
         inside a pipeline call without one is matched by its text embeddings: the first ``encode_prompt`` result
