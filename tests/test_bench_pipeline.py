@@ -66,7 +66,8 @@ def test_cli_families_qwenimage_without_settings_plans_and_notes(monkeypatch, ca
     assert started == [("qwenimage", [n], True) for n in expected]
     out, err = capsys.readouterr()
     assert "skipping diffusers-excite: it runs on sd15 only" in err
-    assert "skipping nag: it runs on sd15, sdxl, sd3, flux, shapes, shapes-dit only, none of the chosen families qwenimage" in err
+    assert ("skipping nag: it runs on sd15, sdxl, sd3, flux, shapes, shapes-dit only, none of the chosen families "
+            "qwenimage") in err
     assert "cfg+pag" in out and "diffusers-excite" not in out
 
 

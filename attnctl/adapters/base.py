@@ -94,6 +94,14 @@ class Adapter:
         """Whether ``pipe``'s denoiser (``denoiser_attr``) is an instance of ``denoiser_class``."""
         return isinstance(getattr(pipe, cls.denoiser_attr, None), import_path(cls.denoiser_class))
 
+    @classmethod
+    def matches_index(cls, index: dict) -> bool:
+        """Whether a saved pipeline's ``model_index.json`` (``index``) names this family's denoiser class as its
+        ``denoiser_attr`` component: the family of a folder before any weights load."""
+        entry = index.get(cls.denoiser_attr)
+        return (isinstance(entry, list) and len(entry) == 2
+                and entry[1] == cls.denoiser_class.rpartition(":")[2])
+
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
 

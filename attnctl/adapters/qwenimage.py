@@ -39,6 +39,9 @@ class QwenImageAdapter(Adapter):
     block_unbatched_args = frozenset({"image_rotary_emb"})  # (image freqs, text freqs) per token, shared by rows
     late_rows_blockers = frozenset({"controlnet_block_samples"})
     layout_kinds = (layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
+    inversion_unsupported = ("its VAE (AutoencoderKLQwenImage) normalises latents per channel (latents_mean, "
+                             "latents_std), not by one scaling_factor, and attnctl cannot encode a real image into "
+                             "its latent space yet; edit generated images (an edit without `image:`) instead")
 
     def kind_of(self, module):
         return "joint"
