@@ -357,3 +357,9 @@ def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):
     fake = type("Flux2Pipeline", (), {"tokenizer": Processor()})()
     with pytest.raises(ModelError, match="word-level controls"):
         adapter.text_segments(fake)
+
+
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+    from interpolation_checks import check_interpolation
+
+    check_interpolation(pipe, "flux2")

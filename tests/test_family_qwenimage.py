@@ -246,3 +246,9 @@ def test_edit_reference_grids_and_a_mask_covering_them_is_refused(tmp_path):
     with pytest.raises(ControlError, match=r"regions\.1\.mask = .*joined\.png.*side by side.*generated image only"):
         regions._check_references(adapter.latent_hw(params), adapter.reference_grids(params))
     regions._check_references((8, 20), [])  # no references: the usual aspect check applies, not this one
+
+
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+    from interpolation_checks import check_interpolation
+
+    check_interpolation(pipe, "qwenimage")
