@@ -86,3 +86,12 @@ def test_skipped_setting_smoke_run(capsys):
     rows, _ = pipeline.run(repeats=1, families=["sd15", "sdxl"], quick=True, settings=["diffusers-excite"])
     assert [(r["family"], r["setting"]) for r in rows] == [("sd15", "diffusers-excite")]
     assert "skipping diffusers-excite on sdxl" in capsys.readouterr().err
+
+
+def test_explicit_settings_skip_per_family_and_refuse_when_no_family_takes_one(capsys):
+    assert dict(pipeline.plan(["flux2", "sd3"], ["cfg", "nag"], interleave=True)) == {"flux2": ["cfg"],
+                                                                                      "sd3": ["cfg", "nag"]}
+    assert "skipping nag on flux2: it runs on" in capsys.readouterr().err
+    with pytest.raises(AttnctlError, match=r"nag runs on sd15, sdxl, sd3, flux, shapes, shapes-dit only, not on the "
+                                           r"chosen families chroma, qwenimage"):
+        pipeline.plan(["chroma", "qwenimage"], ["nag"], interleave=False)
