@@ -16,7 +16,7 @@ from attnctl.controls.excite import Excite
 from attnctl.controls.maps import Maps
 from attnctl.controls.perturb import Perturb
 from attnctl.controls.regions import Regions
-from attnctl.engine import apply
+from attnctl.engine import Session, apply
 from attnctl.errors import AttnctlError, LayoutError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
 
@@ -345,3 +345,18 @@ def test_pag_against_diffusers_modular_guider_each_with_its_float64_reference(pi
             assert (pert - cond - (their_skip - their_cond)).abs().max() < 1e-4
             assert (cond - their_cond).abs().max() < 1e-4
     assert max(differences) > 1e-3  # the two rescales are not the same computation
+
+
+@pytest.mark.parametrize("name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_edit_pipelines_refuse_word_level_controls(pipe, name):
+    """Qwen-Image-Edit's text stream holds the input image's vision tokens before the prompt (their count follows
+    the image): word positions would be wrong, so word-level controls are refused by name, never misplaced."""
+    import diffusers
+
+    from attnctl.errors import ModelError
+
+    edit = getattr(diffusers, name)(**pipe.components, processor=None)  # the real class and its template
+    adapter = Session(edit).adapter  # the family is Qwen-Image's
+    assert adapter.family == "qwenimage"
+    with pytest.raises(ModelError, match=rf"{name}: .*vision tokens.*word-level controls \(excite, regions"):
+        adapter.text_segments(edit)
