@@ -246,7 +246,7 @@ def generate_sets(pipe, recipe, control: HeadSets, prompt: str, seed: int, sets:
         kwargs["height"] = recipe.height
     if recipe.width:
         kwargs["width"] = recipe.width
-    images = pipe([prompt] * len(sets), **kwargs).images
+    images = pipe(prompt=[prompt] * len(sets), **kwargs).images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 

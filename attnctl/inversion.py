@@ -267,7 +267,7 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
     adapter = adapter_for(pipe)
     unsupported = getattr(adapter, "inversion_unsupported", "")
     if unsupported:  # the adapter says why this family's latents cannot be inverted here
-        raise ControlError(f"inversion is not available for the {adapter.family} family: {unsupported}")
+        raise ControlError(f"inversion does not support the {adapter.family} family: {unsupported}")
     if getattr(pipe.vae.config, "scaling_factor", None) is None:  # e.g. Qwen-Image's per-channel mean/std VAE
         raise ControlError(f"inversion does not support the {adapter.family} family yet: its VAE "
                            f"({type(pipe.vae).__name__}) normalises latents per channel, not by one scaling_factor, "

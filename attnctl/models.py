@@ -118,6 +118,30 @@ def _absent_components(folder: Path) -> dict:
     return {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
 
 
+def model_family(model: str) -> str | None:
+    """The family a model string names, read without loading any weights: ``tiny:FAMILY``, an embedded model or a
+    local folder (its ``model_index.json``). None when that cannot be known here (a hub id, a folder without a
+    readable index or with a denoiser no adapter names); loading the model says then."""
+    import json
+
+    from .adapters import family_from_index
+    from .testing import TINY_FAMILIES
+
+    if not isinstance(model, str):
+        return None
+    if model.startswith("tiny:"):
+        family = model.split(":", 1)[1]
+        return family if family in TINY_FAMILIES else None
+    folder = embedded_path(model) if model in EMBEDDED else (Path(model) if os.path.isdir(model) else None)
+    if folder is None:
+        return None
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return family_from_index(index) if isinstance(index, dict) else None
+
+
 def family_of(pipe) -> str:
     from .adapters import adapter_for
 

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .controls.base import StrictOptions, control_class, format_validation_error
 from .errors import AttnctlError, RecipeError, did_you_mean
+from .models import model_family
 
 
 class Recipe(StrictOptions):
@@ -109,15 +110,19 @@ class Recipe(StrictOptions):
     @model_validator(mode="after")
     def _controls_known(self):
         producers = []  # controls that make the whole item themselves (generate_item): at most one per recipe
+        family = model_family(self.model)  # None: not known before loading (a hub id); apply says then
         for name, options in self.controls.items():
             cls = control_class(name)  # ControlError with did-you-mean for unknown names
-            for entry in options if isinstance(options, list) else [options]:
+            for index, entry in enumerate(options if isinstance(options, list) else [options]):
                 try:
-                    cls.Options(**entry)
+                    parsed = cls.Options(**entry)
                 except ValidationError as exc:
                     raise ValueError(format_validation_error(exc, f"controls.{name}", cls.Options)) from None
                 if hasattr(cls, "generate_item"):
                     producers.append(name)
+                field = f"controls.{name}" + (f".{index}" if isinstance(options, list) else "")
+                if family is not None:
+                    _check_family(cls, parsed, family, self.model, field)
         if len(producers) > 1:
             raise ValueError(
                 f"controls: {' and '.join(repr(p) for p in producers)} each produce the whole output (a sequence, "
@@ -171,6 +176,23 @@ class Recipe(StrictOptions):
             for entry in options if isinstance(options, list) else [options]:
                 built.append(cls(entry))
         return built
+
+
+def _check_family(cls, options, family: str, model: str, field: str) -> None:
+    """A control (or an option of it) the model's family cannot take: the error ``attnctl.apply`` would raise
+    after loading the weights, said at validation."""
+    if family not in cls.families:
+        why = cls.family_notes.get(family)
+        raise ValueError(f"{field}: control {cls.name!r} does not support the {family} family of model {model!r} "
+                         f"(it supports {', '.join(cls.families)})" + (f": {why}" if why else ""))
+    image = getattr(options, "image", None)
+    if cls.name == "edit" and image is not None:
+        from .adapters import ADAPTERS
+
+        why = getattr(ADAPTERS[family], "inversion_unsupported", "")
+        if why:
+            raise ValueError(f"{field}.image = {image!r}: inverting a real image does not support the {family} "
+                             f"family of model {model!r}: {why}")
 
 
 def _line_map(node, path=(), lines=None) -> dict[tuple, int]:
@@ -317,6 +339,10 @@ def _validate(data, where: str, lines: dict, overrides) -> Recipe:
             if not loc:  # whole-recipe checks (sweep): the message names the fields itself
                 msg = err["msg"].removeprefix("Value error, ")
                 line = lines.get(("sweep",)) if "sweep" in msg else None
+                if msg.startswith("controls."):  # a control's own problem: the line of its key
+                    parts = msg.split(":", 1)[0].split(" ", 1)[0].split(".")
+                    at_path = ("controls", parts[1]) + tuple(int(p) if p.isdigit() else p for p in parts[2:3])
+                    line = lines.get(at_path, lines.get(at_path[:2]))
                 problems.append(f"{where}:{line}: {msg}" if line else f"{where}: {msg}")
             elif err["type"] == "extra_forbidden":
                 key = str(loc[-1])
@@ -343,6 +369,9 @@ def json_schema() -> dict:
     for name, cls in CONTROLS.items():
         sub = cls.Options.model_json_schema()
         schema["$defs"].update(sub.pop("$defs", {}))
+        sub["x-attnctl-families"] = list(cls.families)  # validation refuses a model of any other family
+        sub["description"] = (sub.get("description", "").rstrip() + " " if sub.get("description") else "") + (
+            f"Families: {', '.join(cls.families)}.")
         schema["$defs"][f"control_{name}"] = sub
         properties[name] = {"anyOf": [{"$ref": f"#/$defs/control_{name}"},
                                       {"type": "array", "items": {"$ref": f"#/$defs/control_{name}"}}]}

@@ -130,3 +130,37 @@ def test_selector_naming_a_block_chroma_lacks(pipe):
     with pytest.raises(AttnctlError, match="single_transformer_blocks.9"):
         with apply(pipe, Perturb(layers=["single_transformer_blocks.9.attn"])):
             pass
+
+
+def test_excite_raises_the_weakest_subject(pipe):
+    """The weakest subject's max image->text attention after refinement at step 0 and an update at step 1,
+    against the same run with a negligible step size (CFG's uncond call is left alone)."""
+    from attnctl.controls.excite import Excite
+
+    weakest, losses = {}, {}
+    for scale in (1e-6, 20.0):
+        control = Excite(subjects=[["circle", "square"]], thresholds={0: 0.99}, max_refinement_steps=5,
+                         scale_factor=scale, layers=[SINGLE], window={"start": 0.0, "stop": 0.5})
+        with apply(pipe, control) as session:
+            pipe(prompt=PROMPT, **kwargs(steps=3))
+        image = session.last_run()["controls"]["excite"]["images"][0]
+        weakest[scale], losses[scale] = min(image["max_attention"].values()), image["loss"]
+    assert weakest[20.0] > weakest[1e-6] + 0.1
+    assert all(strong < weak for strong, weak in zip(losses[20.0], losses[1e-6]))
+
+
+def test_edit_word_swap_keeps_the_source_and_changes_the_target(pipe):
+    from attnctl.controls.edit import Edit
+
+    prompts = ["a red circle", "a blue circle"]
+    with apply(pipe, Edit()):
+        out = pipe(prompt=prompts, **kwargs(steps=2)).images
+    plain = pipe(prompt=prompts, **kwargs(steps=2)).images
+    torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)
+    assert (out[1] - plain[1]).abs().max() > 1e-4  # the target follows the source's attention
+
+
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+    from interpolation_checks import check_interpolation
+
+    check_interpolation(pipe, "chroma")

@@ -236,6 +236,64 @@ def test_hard_regions_confine_each_phrase_to_its_box_with_a_reference_image(pipe
             assert bool((probs[:, :, image.stop:][..., cols] > 0).all())
 
 
+def _mask_file(tmp_path, name, width, height, left_half=True):
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[:, : width // 2] = 255
+    path = tmp_path / name
+    Image.fromarray(pixels, mode="L").save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("size, like", [((96, 32), "side by side"), ((32, 96), "stacked"), ((50, 20), None)])
+def test_a_mask_that_would_cover_reference_tokens_is_an_error_naming_it(pipe, tmp_path, size, like):
+    """Generated image 8x8 tokens, reference 16x16: a mask at the joined canvas' aspect ratio (24x8 side by side,
+    8x24 stacked) or any other one not the generated image's is refused at the first call with the reference."""
+    path = _mask_file(tmp_path, "joined.png", *size)
+    regions = Regions(regions=[{"phrase": "red circle", "mask": path}], mode="hard", window={"start": 0, "stop": 1})
+    with apply(pipe, regions):
+        with pytest.raises(ControlError) as info:
+            pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+    message = str(info.value)
+    assert f"regions.0.mask = {path!r}" in message and f"{size[0]}x{size[1]}" in message
+    assert "1 reference image(s) (token grids 16x16" in message and "generated image only" in message
+    assert (f"the generated image and its references {like}" in message) if like else "aspect ratio of" not in message
+
+
+def test_a_mask_at_the_generated_images_ratio_places_on_it_with_a_reference(pipe, tmp_path):
+    """The default: a square mask (the generated image's ratio) is the generated image's left half, exactly the
+    box [0, 0, 0.5, 1]; the reference's tokens stay outside every region."""
+    biases = []
+    for region in ({"mask": _mask_file(tmp_path, "left.png", 64, 64)}, {"box": list(RED)}):
+        regions = Regions(regions=[{"phrase": "red circle", **region}], mode="hard", window={"start": 0, "stop": 1})
+        probe = Probe([JOINT])
+        with apply(pipe, [regions, probe]):
+            pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        biases.append([r["bias"] for r in probe.calls if r["bias"] is not None])
+    assert biases[0] and len(biases[0]) == len(biases[1])
+    for by_mask, by_box in zip(*biases):
+        assert torch.equal(by_mask, by_box)
+        image = probe.calls[0]["image"]
+        assert bool((by_mask[..., image.stop:, :] == 0).all()) and bool((by_mask[..., image.stop:] == 0).all())
+
+
+def test_reference_grids_of_a_call(pipe):
+    seen = []
+
+    class Grids(Control):
+        name = "grids"
+
+        def bind(self, session):
+            return {JOINT: None}
+
+        def on_attention(self, call):
+            seen.append(call.session.adapter.reference_grids(call.frame.params))
+
+    with apply(pipe, Grids()):
+        pipe(prompt=PROMPT, image=[reference_image(), reference_image(1, size=96)], **kwargs(steps=1))
+        pipe(prompt=PROMPT, **kwargs(steps=1))
+    assert seen[0] == [(16, 16), (24, 24)] and seen[-1] == []
+
+
 def test_excite_raises_the_weakest_subject(pipe):
     """The weakest subject's max image->text attention (A&E's loss is 1 minus it), after iterative refinement
     at step 0 and an update at step 1, against the same run with a negligible step size."""
@@ -299,3 +357,9 @@ def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):
     fake = type("Flux2Pipeline", (), {"tokenizer": Processor()})()
     with pytest.raises(ModelError, match="word-level controls"):
         adapter.text_segments(fake)
+
+
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+    from interpolation_checks import check_interpolation
+
+    check_interpolation(pipe, "flux2")

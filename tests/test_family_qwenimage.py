@@ -16,7 +16,7 @@ from attnctl.controls.excite import Excite
 from attnctl.controls.maps import Maps
 from attnctl.controls.perturb import Perturb
 from attnctl.controls.regions import Regions
-from attnctl.engine import apply
+from attnctl.engine import Session, apply
 from attnctl.errors import AttnctlError, LayoutError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
 
@@ -225,3 +225,138 @@ def test_inverting_a_real_image_says_the_family_is_not_supported(pipe):
 
     with pytest.raises(AttnctlError, match="does not support the qwenimage family.*AutoencoderKLQwenImage"):
         invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
+
+
+def test_edit_reference_grids_and_a_mask_covering_them_is_refused(tmp_path):
+    """Qwen-Image-Edit's ``img_shapes`` holds [generated grid, reference grid] per sample (its pipeline is not
+    built tiny here: the Qwen2.5-VL processor's vision side): the adapter reads the reference grid, and a regions
+    mask drawn on the generated image and its reference side by side is refused by name."""
+    from PIL import Image
+
+    from attnctl.adapters.qwenimage import QwenImageAdapter
+    from attnctl.errors import ControlError
+
+    params = {"img_shapes": [[(1, 8, 8), (1, 8, 12)]]}
+    adapter = QwenImageAdapter()
+    assert adapter.latent_hw(params) == (8, 8) and adapter.reference_grids(params) == [(8, 12)]
+    assert adapter.reference_grids({"img_shapes": [[(1, 8, 8)]]}) == []
+    path = tmp_path / "joined.png"
+    Image.new("L", (100, 40), 255).save(path)  # (8 + 12) x 8 tokens: 2.5 wide
+    regions = Regions(regions=[{"phrase": "circle", "box": [0, 0, 1, 1]}, {"phrase": "square", "mask": str(path)}])
+    with pytest.raises(ControlError, match=r"regions\.1\.mask = .*joined\.png.*side by side.*generated image only"):
+        regions._check_references(adapter.latent_hw(params), adapter.reference_grids(params))
+    regions._check_references((8, 20), [])  # no references: the usual aspect check applies, not this one
+
+
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+    from interpolation_checks import check_interpolation
+
+    check_interpolation(pipe, "qwenimage")
+
+
+# -- PAG parity with diffusers' modular pipeline and its PerturbedAttentionGuidance guider ----------------------
+def _recording(pipe, monkeypatch):
+    """Record every transformer output (the calls the pipeline makes, before attnctl folds any rows) and the
+    noise prediction each scheduler step takes."""
+    import functools
+
+    outputs, steps = [], []
+    forward, step = pipe.transformer.forward, pipe.scheduler.step
+
+    @functools.wraps(forward)  # the modular pipeline reads the forward's signature
+    def record_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out.sample).detach().clone())
+        return out
+
+    def record_step(model_output, *args, **kwargs):
+        steps.append(model_output.detach().clone())
+        return step(model_output, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", record_forward)
+    monkeypatch.setattr(pipe.scheduler, "step", record_step)
+    return outputs, steps
+
+
+def _rescaled(pred, like):
+    """Qwen-Image's true-CFG rescale: ``pred`` scaled per token to the norm of ``like`` (over channels)."""
+    return pred * (like.norm(dim=-1, keepdim=True) / pred.norm(dim=-1, keepdim=True))
+
+
+SITE, SCALE, CFG = "transformer_blocks.1.attn", 2.0, 4.0
+
+
+def test_pag_against_diffusers_modular_guider_each_with_its_float64_reference(pipe, monkeypatch):
+    """Layer PAG at ``transformer_blocks.1`` (scale 2, true CFG 4, 3 steps, float32) two ways.
+
+    diffusers' modular Qwen-Image pipeline with ``PerturbedAttentionGuidance`` runs three calls per PAG step (cond,
+    uncond, cond with the block's attention scores skipped: the joint [text; image] attention returns V, attnctl's
+    ``mode='full'``) and combines ``pred = uncond + 4 (cond - uncond) + 2 (cond - skip)``, then rescales it to the
+    norm of the *unmodified* cond prediction: ``pred * |cond| / |pred|``.
+
+    attnctl on ``QwenImagePipeline`` runs the perturbed rows in the cond call and folds ``d = 2 (cond - pert)``
+    into both calls' outputs; the pipeline combines ``(uncond + d) + 4 ((cond + d) - (uncond + d))``, the same
+    ``pred``, and rescales it to the norm of what it got as the cond prediction, ``cond + d``:
+    ``pred * |cond + d| / |pred|``. The perturbed predictions agree (the same layer, the same identity map); the
+    rescale differs, so each is checked against its own float64 formula, and the difference is shown to matter.
+    The guider's window counts steps strictly after ``int(start * steps)``: PAG on steps 1 and 2 in both.
+    """
+    from diffusers.guiders import PerturbedAttentionGuidance
+    from diffusers.modular_pipelines import QwenImageAutoBlocks
+
+    call = dict(prompt=PROMPTS[0], negative_prompt="a tree", num_inference_steps=3, height=32, width=32)
+    outputs, steps = _recording(pipe, monkeypatch)
+
+    modular = QwenImageAutoBlocks().init_pipeline()
+    guider = PerturbedAttentionGuidance(guidance_scale=CFG, perturbed_guidance_scale=SCALE,
+                                        perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
+                                        perturbed_guidance_config={"indices": [1], "fqn": "transformer_blocks"})
+    modular.update_components(**pipe.components, guider=guider)
+    modular(**call, generator=torch.Generator().manual_seed(0), output="latents")
+    theirs = {"outputs": [o.double() for o in outputs], "steps": [s.double() for s in steps]}
+    assert len(theirs["outputs"]) == 2 + 3 + 3 and len(theirs["steps"]) == 3  # step 0: no PAG (the window)
+
+    outputs.clear(), steps.clear()
+    probe = Recorder([SITE])
+    control = Perturb(scale=SCALE, layers=[SITE], mode="full", window={"start": 0.3, "stop": 1.0})
+    with apply(pipe, [control, probe]) as session:
+        pipe(**call, true_cfg_scale=CFG, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert session.last_run()["controls"]["perturb"]["steps"] == [1, 2]
+    for record in (r for r in probe.records if "perturb" in r["branches"]):  # the perturbed rows' output is V
+        torch.testing.assert_close(record["out"][1], record["v"][1], atol=0, rtol=0)
+    ours = {"outputs": [o.double() for o in outputs], "steps": [s.double() for s in steps]}
+    # the cond call carries [cond; perturbed] rows (joined at block 1), the uncond call one row
+    assert [o.shape[0] for o in ours["outputs"]] == [1, 1, 2, 1, 2, 1]
+
+    differences = []
+    for i in (1, 2):
+        cond, uncond, skip = theirs["outputs"][2 + 3 * (i - 1): 5 + 3 * (i - 1)]
+        pred = uncond + CFG * (cond - uncond) + SCALE * (cond - skip)
+        torch.testing.assert_close(theirs["steps"][i], _rescaled(pred, cond), atol=1e-5, rtol=1e-5)
+
+        both, uncond = ours["outputs"][2 * i], ours["outputs"][2 * i + 1]
+        cond, pert = both[:1], both[1:]
+        d = SCALE * (cond - pert)
+        pred = (uncond + d) + CFG * ((cond + d) - (uncond + d))
+        torch.testing.assert_close(ours["steps"][i], _rescaled(pred, cond + d), atol=1e-5, rtol=1e-5)
+        differences.append((_rescaled(pred, cond + d) - _rescaled(pred, cond)).abs().max().item())
+        if i == 1:  # the same latents enter step 1 (CFG only before): the perturbation itself agrees
+            their_cond, their_skip = theirs["outputs"][2], theirs["outputs"][4]
+            assert (pert - cond - (their_skip - their_cond)).abs().max() < 1e-4
+            assert (cond - their_cond).abs().max() < 1e-4
+    assert max(differences) > 1e-3  # the two rescales are not the same computation
+
+
+@pytest.mark.parametrize("name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_edit_pipelines_refuse_word_level_controls(pipe, name):
+    """Qwen-Image-Edit's text stream holds the input image's vision tokens before the prompt (their count follows
+    the image): word positions would be wrong, so word-level controls are refused by name, never misplaced."""
+    import diffusers
+
+    from attnctl.errors import ModelError
+
+    edit = getattr(diffusers, name)(**pipe.components, processor=None)  # the real class and its template
+    adapter = Session(edit).adapter  # the family is Qwen-Image's
+    assert adapter.family == "qwenimage"
+    with pytest.raises(ModelError, match=rf"{name}: .*vision tokens.*word-level controls \(excite, regions"):
+        adapter.text_segments(edit)

@@ -170,7 +170,7 @@ def _kwargs(family, steps=3, seed=0, **extra):
 
 
 def _plain(pipe, family, prompt, seed=0, steps=3):
-    return pipe(prompt, **tiny_call_kwargs(family, steps=steps, seed=seed)).images[0]
+    return pipe(prompt=prompt, **tiny_call_kwargs(family, steps=steps, seed=seed)).images[0]
 
 
 def _processors(pipe):

@@ -45,4 +45,13 @@ def adapter_for(pipe) -> Adapter:
     raise ModelError(f"{type(pipe).__name__} is not a supported pipeline. attnctl supports: {supported}")
 
 
-__all__ = ["ADAPTERS", "FAMILY_NAMES", "KINDS", "Adapter", "Site", "TextSegment", "adapter_for"]
+def family_from_index(index: dict) -> str | None:
+    """The family of a saved pipeline from its ``model_index.json`` contents (the first adapter whose
+    ``matches_index`` accepts it, in ``ADAPTERS`` order), or None when no adapter recognises its denoiser."""
+    for cls in ADAPTERS.values():
+        if cls.matches_index(index):
+            return cls.family
+    return None
+
+
+__all__ = ["ADAPTERS", "family_from_index", "FAMILY_NAMES", "KINDS", "Adapter", "Site", "TextSegment", "adapter_for"]

@@ -102,6 +102,14 @@ class Adapter:
         """Whether ``pipe``'s denoiser (``denoiser_attr``) is an instance of ``denoiser_class``."""
         return isinstance(getattr(pipe, cls.denoiser_attr, None), import_path(cls.denoiser_class))
 
+    @classmethod
+    def matches_index(cls, index: dict) -> bool:
+        """Whether a saved pipeline's ``model_index.json`` (``index``) names this family's denoiser class as its
+        ``denoiser_attr`` component: the family of a folder before any weights load."""
+        entry = index.get(cls.denoiser_attr)
+        return (isinstance(entry, list) and len(entry) == 2
+                and entry[1] == cls.denoiser_class.rpartition(":")[2])
+
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
 
@@ -157,6 +165,11 @@ class Adapter:
     def latent_hw(self, params: dict) -> tuple[int, int]:
         """Height and width of the latent grid the denoiser sees (in its own tokens/pixels)."""
         raise NotImplementedError
+
+    def reference_grids(self, params: dict) -> list[tuple[int, int]]:
+        """(h, w) token grids of the reference images a denoiser call with ``params`` carries after the generated
+        image's tokens (FLUX.2 ``image=[...]``, Qwen-Image-Edit); none in most families."""
+        return []
 
     def image_grid(self, latent_hw: tuple[int, int], n_image_tokens: int) -> tuple[int, int]:
         """(h, w) of the image tokens at a layer with ``n_image_tokens`` tokens, for any aspect ratio."""

@@ -92,6 +92,18 @@ class Flux2Adapter(FluxAdapter):
         ids = ids[0] if ids.ndim == 3 else ids
         return int((ids[:, 0] != 0).sum())
 
+    def reference_grids(self, params):
+        """(h, w) of each reference image's tokens, in order (time coordinates 10, 20, ...)."""
+        ids = params.get("img_ids")
+        if ids is None:
+            return []
+        ids = ids[0] if ids.ndim == 3 else ids
+        grids = []
+        for t in sorted({int(t) for t in ids[:, 0].tolist()} - {0}):
+            own = ids[ids[:, 0] == t]
+            grids.append((int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1))
+        return grids
+
     def text_segments(self, pipe):
         """The prompt's tokens start after the chat turn's prefix the pipeline renders around it."""
         tokenizer = pipe.tokenizer

@@ -14,7 +14,8 @@ the cond rows took. The pipeline rescales the true-CFG result to the cond predic
 Image tokens: ``img_shapes[0]`` lists the (frames, height, width) token grids of the image stream; the first is the
 image being generated. Qwen-Image-Edit appends the reference image's latents after it (``img_shapes`` then holds
 two grids), so the image span controls see is the generated grid only: maps, regions and excite read and act on
-the generated image's queries, while its reference tokens stay ordinary keys.
+the generated image's queries, while its reference tokens stay ordinary keys. Its text stream holds the input
+image's vision tokens before the prompt, so word positions there are refused (``text_segments``), not guessed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from math import prod
 
 from .. import layouts
-from ..errors import LayoutError
+from ..errors import LayoutError, ModelError
 from ..intercept import Tokens
 from .base import Adapter, TextSegment, n_tokens
 
@@ -39,6 +40,9 @@ class QwenImageAdapter(Adapter):
     block_unbatched_args = frozenset({"image_rotary_emb"})  # (image freqs, text freqs) per token, shared by rows
     late_rows_blockers = frozenset({"controlnet_block_samples"})
     layout_kinds = (layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
+    inversion_unsupported = ("its VAE (AutoencoderKLQwenImage) normalises latents per channel (latents_mean, "
+                             "latents_std), not by one scaling_factor, and attnctl cannot encode a real image into "
+                             "its latent space yet; edit generated images (an edit without `image:`) instead")
 
     def kind_of(self, module):
         return "joint"
@@ -71,6 +75,9 @@ class QwenImageAdapter(Adapter):
         _, height, width = grids[0]
         return height, width
 
+    def reference_grids(self, params):
+        return [(height, width) for _, height, width in self._grids(params)[1:]]
+
     def call_kind(self, call):
         """Qwen-Image pipelines name their calls with ``transformer.cache_context("cond" | "uncond")``. A call
         inside a pipeline call without one is matched by its text embeddings: the first ``encode_prompt`` result
@@ -95,6 +102,12 @@ class QwenImageAdapter(Adapter):
         (``prompt_template_encode_start_idx`` tokens); the prompt's own tokens start where that prefix ends."""
         tokenizer = pipe.tokenizer
         template = getattr(pipe, "prompt_template_encode", None)
+        if "Edit" in type(pipe).__name__ or (template and "<|image_pad|>" in template):
+            raise ModelError(
+                f"{type(pipe).__name__}: attnctl cannot find prompt words in Qwen-Image-Edit's text stream: its "
+                "template puts the input image's vision tokens (as many as the image's size gives) before the "
+                "prompt, so word-level controls (excite, regions, maps, edit) are not supported there; perturb "
+                "does not need word positions")
         dropped = int(getattr(pipe, "prompt_template_encode_start_idx", 0) or 0)
         offset = 0
         if template and "{}" in template:

@@ -70,6 +70,12 @@ class SDXLAdapter(UNetAdapter):
         return super().matches(pipe) and getattr(pipe, "text_encoder_2", None) is not None and hasattr(
             pipe, "tokenizer_2")
 
+    @classmethod
+    def matches_index(cls, index):
+        second = index.get("text_encoder_2")
+        return super().matches_index(index) and isinstance(second, list) and second[0] is not None and (
+            "tokenizer_2" in index)
+
     def text_segments(self, pipe):
         tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
         return [TextSegment(tokenizer, 0, tokenizer.model_max_length)]

@@ -4,8 +4,10 @@ Settings are a registry, ``SETTINGS = {name: "module:function"}``: the core give
 ``cfg``; each control adds its own rows (``cfg+pag``, ``cfg+excite``, ...) with one line here. A setting
 function ``make(ctx: BenchContext) -> Callable[[], object]`` returns a closure that generates one image; it may
 install controls around the call (``attnctl.apply``) or build another pipeline from ``ctx.pipe``'s components.
-A setting that runs on some families only says which in its function's ``families`` attribute; a run skips it
-elsewhere with a note (``plan``), so the bare command runs every setting where it can.
+A setting that runs on some families only says which in its function's ``families`` attribute (benchmark family
+names), or names the controls it applies in ``controls`` (it then runs where every one of them does: each
+control's own ``families``); a run skips it elsewhere with a note (``plan``), so the bare command, and any
+``--families`` without ``--settings``, runs every setting where it can.
 
 Every (family, setting) runs in a fresh Python process, alone, so its peak resident set is its own
 (on CPU the peak RSS of a fresh process; on CUDA ``torch.cuda.max_memory_allocated``).
@@ -154,9 +156,23 @@ def measure_interleaved(family: str, settings: list[str], repeats: int, quick: b
     return [dict(_row(ctx, name, times[name]), peak_shared=True) for name in settings]
 
 
+# The model family of each benchmark family (the tiny ones are named after theirs).
+MODEL_FAMILY = {"shapes": "sd15", "shapes-dit": "sd3"}
+
+
 def _families_of(name: str) -> tuple[str, ...] | None:
-    """The benchmark families setting ``name`` can run on (its function's ``families``; None = every family)."""
-    return getattr(_setting(name), "families", None)
+    """The benchmark families setting ``name`` can run on (its function's ``families``, or those where every
+    control in its ``controls`` runs; None = every family)."""
+    from ..controls import control_class
+    from .overhead import FAMILIES
+
+    function = _setting(name)
+    families = getattr(function, "families", None)
+    controls = [control_class(c) for c in getattr(function, "controls", ())]
+    if controls:
+        families = tuple(f for f in (families or FAMILIES)
+                         if all(MODEL_FAMILY.get(f, f) in c.families for c in controls))
+    return families
 
 
 def applies(name: str, family: str) -> bool:
@@ -167,15 +183,22 @@ def applies(name: str, family: str) -> bool:
 
 def plan(families, settings, interleave: bool) -> list[tuple[str, list[str]]]:
     """The (family, settings) jobs of a run, each its own fresh process: every setting on every family that can
-    take it. A setting a family cannot take (diffusers' Attend-and-Excite pipeline exists for SD1.x only) is
-    skipped with a note on stderr, so the bare command runs; a setting none of the families can take is an
-    error. Unknown names fail here, before any process starts."""
+    take it. A setting a family cannot take (diffusers' Attend-and-Excite pipeline exists for SD1.x only; NAG
+    does not run on FLUX.2, Chroma or Qwen-Image yet) is skipped there with a note on stderr, so the bare
+    command and any ``--families`` without ``--settings`` run. A setting named in ``settings`` that none of the
+    chosen families can take is an error (with the default settings it is only a note). Unknown names fail
+    here, before any process starts."""
     names = list(settings or SETTINGS)
     families = check_families(families)
-    for name in names:
+    for name in list(names):
         if not any(applies(name, family) for family in families):
-            raise AttnctlError(f"bench pipeline: {name} runs on {', '.join(_families_of(name))} only, not on the "
-                               f"chosen families {', '.join(families)}; add one of them to --families")
+            where = ", ".join(_families_of(name)) or "no benchmark family"
+            if settings:
+                raise AttnctlError(f"bench pipeline: {name} runs on {where} only, not on the chosen families "
+                                   f"{', '.join(families)}; add one of them to --families")
+            print(f"note: bench pipeline: skipping {name}: it runs on {where} only, none of the chosen families "
+                  f"{', '.join(families)}", file=sys.stderr)
+            names.remove(name)
     per_family = []
     for family in families:
         chosen = [name for name in names if applies(name, family)]
@@ -183,7 +206,8 @@ def plan(families, settings, interleave: bool) -> list[tuple[str, list[str]]]:
             if name not in chosen:
                 print(f"note: bench pipeline: skipping {name} on {family}: it runs on "
                       f"{', '.join(_families_of(name))} only", file=sys.stderr)
-        per_family.append((family, chosen))
+        if chosen:
+            per_family.append((family, chosen))
     if interleave:
         return per_family
     return [(family, [name]) for family, chosen in per_family for name in chosen]

@@ -337,9 +337,9 @@ class Interpolate(Control):
                       for f in range(plan.n_frames)]
         self._plan = plan
         try:
-            with mixed_text_encodings(pipe, plan, enabled=opts.guide_prompt is None):
-                output = pipe(plan.frame_prompts(opts.guide_prompt), generator=generators, num_images_per_prompt=1,
-                              **call_kwargs)
+            with mixed_text_encodings(pipe, plan, enabled=opts.guide_prompt is None, session=self._session):
+                output = pipe(prompt=plan.frame_prompts(opts.guide_prompt), generator=generators,
+                              num_images_per_prompt=1, **call_kwargs)
         finally:
             self._plan = None
         images = output.images if hasattr(output, "images") else output[0]
@@ -376,12 +376,14 @@ def sequence_metrics(distances: list[float]) -> dict:
 
 
 @contextmanager
-def mixed_text_encodings(pipe, plan: FramePlan, *, enabled: bool = True) -> Iterator[None]:
+def mixed_text_encodings(pipe, plan: FramePlan, *, enabled: bool = True, session=None) -> Iterator[None]:
     """Within the block, the pipeline's text encodings of in-between frames are the linear interpolation of their
     anchors' (AID's conditioning of in-between frames; alone, the naive text-embedding interpolation baseline).
 
     Works for every family without knowing its encoders: ``encode_prompt`` is wrapped and each float tensor of
     its output with one row per frame (prompt embeddings, pooled embeddings, negative ones) is re-mixed row-wise.
+    ``session``: the active attnctl session, told of the rewrite so that it still knows which denoiser call
+    carries the prompt's embeddings (Chroma's cond and uncond calls are told apart that way).
     """
     original = pipe.__dict__.get("encode_prompt")
     inner = pipe.encode_prompt
@@ -407,7 +409,11 @@ def mixed_text_encodings(pipe, plan: FramePlan, *, enabled: bool = True) -> Iter
         return value
 
     def encode_prompt(*args, **kwargs):
-        return mix(inner(*args, **kwargs))
+        result = inner(*args, **kwargs)
+        mixed = mix(result)
+        if session is not None:
+            session.replace_encoded(result, mixed)
+        return mixed
 
     pipe.encode_prompt = encode_prompt
     try:

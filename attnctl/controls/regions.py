@@ -23,6 +23,14 @@ FLUX single-stream blocks too) the image->text and text->image blocks, text->tex
 rows are changed (extra branches built from them, e.g. PAG's, too); the unconditional rows are left alone,
 as in DenseDiffusion.
 
+Reference images (FLUX.2's ``image=[...]``, Qwen-Image-Edit's input image) sit after the generated image's tokens:
+regions act on the generated image only, by default and always. Boxes are fractions of the generated image, and
+a mask image is placed on the generated image when drawn at its aspect ratio; reference tokens belong to no
+region (their queries and keys are never masked or biased). A region that would cover reference tokens is an
+error at the first call that carries them: a mask drawn on a reference image (its aspect ratio) or on the
+generated image and its references joined (side by side, or stacked), i.e. any mask whose aspect ratio is not
+the generated image's, named by its field and file.
+
 Overlapping regions: a token inside two regions belongs to both, so it may attend both phrases (hard) or is
 raised towards both (soft). A phrase bound to two regions gets their union.
 
@@ -43,7 +51,7 @@ import torch
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..errors import ControlError, TokenError
-from ..masks import RegionGrids, load_mask
+from ..masks import ASPECT_TOLERANCE, RegionGrids, load_mask
 from ..select import select
 from .base import Control, StepWindow, StrictOptions, register
 
@@ -186,6 +194,7 @@ class Regions(Control):
             return
         latent_hw = call.frame.latent_hw
         if latent_hw is not None and latent_hw not in self._checked_hw:
+            self._check_references(latent_hw, call.session.adapter.reference_grids(call.frame.params))
             self._grids.check_aspect(*latent_hw)
             self._checked_hw.add(latent_hw)
         grid = call.grid
@@ -197,6 +206,33 @@ class Regions(Control):
             gate[:, list(call.heads)] = True
             bias = torch.where(gate, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
         call.add_bias(bias if factor == 1.0 else bias * factor)
+
+    def _check_references(self, latent_hw: tuple[int, int], references: list[tuple[int, int]]) -> None:
+        """With reference images in the call, a mask not at the generated image's aspect ratio would be read as
+        covering reference tokens: an error naming the mask (regions act on the generated image only)."""
+        if not references:
+            return
+        height, width = latent_hw
+        layouts = [(f"reference image {i}", h, w) for i, (h, w) in enumerate(references)]
+        layouts += [("the generated image and its references side by side", height,
+                     width + sum(w for _, w in references)),
+                    ("the generated image and its references stacked", height + sum(h for h, _ in references),
+                     width)]
+        for index, region in enumerate(self.options.regions):
+            if region.mask is None:
+                continue
+            mask_h, mask_w = region._mask.shape
+            ratio = mask_w / mask_h
+            if abs(ratio - width / height) <= ASPECT_TOLERANCE * width / height:
+                continue
+            like = [name for name, h, w in layouts if abs(ratio - w / h) <= ASPECT_TOLERANCE * w / h]
+            grids = ", ".join(f"{w}x{h}" for h, w in references)
+            raise ControlError(
+                f"regions.{index}.mask = {region.mask!r}: the mask is {mask_w}x{mask_h} (width x height)"
+                + (f", the aspect ratio of {like[0]}" if like else "")
+                + f", but this call carries {len(references)} reference image(s) (token grids {grids}, width x "
+                f"height) after the generated image ({width}x{height}); regions act on the generated image only "
+                "and never cover reference tokens: draw the mask on the generated image, at its aspect ratio")
 
     def _bias(self, call, grid: tuple[int, int], groups: tuple) -> torch.Tensor:
         """The cached (1 | B, 1, Sq, Sk) unit bias of this call: hard 0 / -inf, soft +-(1 - area)."""

@@ -327,6 +327,13 @@ class Session:
 
         return start
 
+    def replace_encoded(self, before, after) -> None:
+        """``encode_prompt``'s result ``before`` reaches the pipeline as ``after`` (a control rewrote it, e.g.
+        interpolate's mixed encodings): denoiser calls carrying ``after``'s embeddings are matched to it."""
+        for i, result in enumerate(self._encoded):
+            if result is before:
+                self._encoded[i] = after
+
     def _wrapped_free_hooks(self, *args, **kwargs):
         if self._call_open:
             self._end_call()

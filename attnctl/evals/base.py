@@ -103,9 +103,9 @@ class Suite:
         kwargs = settings.call_kwargs()
         if controls:
             with apply(pipe, controls):
-                images = pipe(prompts, generator=gens, **kwargs).images
+                images = pipe(prompt=prompts, generator=gens, **kwargs).images
         else:
-            images = pipe(prompts, generator=gens, **kwargs).images
+            images = pipe(prompt=prompts, generator=gens, **kwargs).images
         return list((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
 
     def score(self, case: Case, output: Any) -> dict:

@@ -104,9 +104,9 @@ class EditSuite(Suite):
         kwargs = settings.call_kwargs()
         if controls:
             with apply(pipe, controls):
-                images = pipe(prompts, generator=gens, **kwargs).images
+                images = pipe(prompt=prompts, generator=gens, **kwargs).images
         else:
-            images = pipe(prompts, generator=gens, **kwargs).images
+            images = pipe(prompt=prompts, generator=gens, **kwargs).images
         images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
         return [(images[2 * i], images[2 * i + 1]) for i in range(len(cases))]
 
