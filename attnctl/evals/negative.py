@@ -269,7 +269,7 @@ class NegativeSuite(Suite):
 
         lines.append("per case: shows negative baseline -> controlled | positive accuracy baseline -> controlled")
         for case in report.get("per_case", []):
-            text = f"  {case['prompt'] or '(empty)'!s:45} not {case['negative']:8} n={case['n']:4d}  " \
+            text = f"  {case['prompt'] or '(empty)'!s:52} not {case['negative']:8} n={case['n']:4d}  " \
                    f"{share(case['baseline'], 'shows_negative')}"
             if controlled:
                 text += f" -> {share(case['controlled'], 'shows_negative')}"
