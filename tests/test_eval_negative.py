@@ -140,3 +140,32 @@ def test_cli_runs_the_built_in_cases(tmp_path, capsys):
     assert [(r["prompt"], r["info"]["negative"]) for r in report["rows"]] == list(CASES["shapes"][:2])
     printed = capsys.readouterr().out
     assert "shows_negative" in printed and "relative_cut" in printed
+
+
+def test_summary_per_case_relative_cut_and_targets():
+    suite = get_suite("negative")
+
+    def row(prompt, negative, shown, ctrl_shown, acc=1.0, ctrl_acc=1.0):
+        info = {"negative": negative, "kind": "shape", "prompt_kind": "empty" if not prompt else "objects"}
+        return {"prompt": prompt, "seed": 0, "info": info,
+                "baseline": {"shows_negative": shown, "positive_accuracy": acc, "positive_recall": acc},
+                "controlled": {"shows_negative": ctrl_shown, "positive_accuracy": ctrl_acc,
+                               "positive_recall": ctrl_acc}}
+
+    rows = [row("", "star", 1.0, 0.0), row("", "star", 1.0, 1.0), row("a red circle", "star", 0.0, 0.0),
+            row("a red circle", "star", 0.0, 0.0, acc=1.0, ctrl_acc=0.0)]
+    out = suite.summary(rows, controlled=True)
+    assert out["relative_cut"]["value"] == 0.5
+    assert [(c["prompt"], c["n"], c["baseline"]["shows_negative"], c["controlled"]["shows_negative"])
+            for c in out["per_case"]] == [("", 2, 1.0, 0.5), ("a red circle", 2, 0.0, 0.0)]
+    assert out["by_kind"]["objects prompt"]["controlled"]["positive_accuracy"] == 0.5
+    assert out["targets"]["relative_cut"]["met"] is True
+    assert out["targets"]["positive_accuracy_delta"]["value"] == -0.25
+    assert out["targets"]["positive_accuracy_delta"]["met"] is False
+    # A baseline that never shows the negative: the cut is undefined, written as null (valid JSON), never met.
+    none = suite.summary([row("", "star", 0.0, 1.0)], controlled=True)
+    assert none["relative_cut"] == {"value": None, "ci95": [None, None]}
+    assert none["targets"]["relative_cut"]["met"] is False
+    json.dumps(none, allow_nan=False)
+    assert "relative_cut: - [-, -]" in "\n".join(suite.summary_lines({"controlled": {}, **none}))
+    assert "per_case" in suite.summary(rows, controlled=False) and "targets" not in suite.summary(rows, False)

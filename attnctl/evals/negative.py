@@ -243,7 +243,7 @@ class NegativeSuite(Suite):
             ctrl = [r["controlled"]["shows_negative"] for r in rows]
             mean_base, mean_ctrl = float(np.mean(base)), float(np.mean(ctrl))
             cut = 1.0 - mean_ctrl / mean_base if mean_base > 0 else None
-            cut_ci = paired_bootstrap_relative_cut(base, ctrl)
+            cut_ci = [None if math.isnan(v) else v for v in paired_bootstrap_relative_cut(base, ctrl)]
             acc_b = [r["baseline"]["positive_accuracy"] for r in rows]
             acc_c = [r["controlled"]["positive_accuracy"] for r in rows]
             acc_delta = float(np.mean(acc_c) - np.mean(acc_b))
@@ -252,7 +252,7 @@ class NegativeSuite(Suite):
             out["targets"] = {
                 "relative_cut": {"goal": f">= {TARGET_CUT}", "value": cut, "ci95": cut_ci,
                                  "met": cut is not None and cut >= TARGET_CUT,
-                                 "met_at_ci_low": bool(cut_ci[0] >= TARGET_CUT)},
+                                 "met_at_ci_low": cut_ci[0] is not None and cut_ci[0] >= TARGET_CUT},
                 "positive_accuracy_delta": {"goal": f">= -{TARGET_ACCURACY_DROP}", "value": acc_delta, "ci95": acc_ci,
                                             "met": acc_delta >= -TARGET_ACCURACY_DROP,
                                             "met_at_ci_low": bool(acc_ci[0] >= -TARGET_ACCURACY_DROP)},
@@ -279,8 +279,8 @@ class NegativeSuite(Suite):
             lines.append(text)
         for name, target in report.get("targets", {}).items():
             value = target["value"]
-            lines.append(f"{name}: {'-' if value is None else f'{value:+.3f}'} "
-                         f"[{target['ci95'][0]:+.3f}, {target['ci95'][1]:+.3f}] (goal {target['goal']}: "
+            low, high = ("-" if v is None else f"{v:+.3f}" for v in target["ci95"])
+            lines.append(f"{name}: {'-' if value is None else f'{value:+.3f}'} [{low}, {high}] (goal {target['goal']}: "
                          f"{'met' if target['met'] else 'missed'}; at the interval's low end: "
                          f"{'met' if target['met_at_ci_low'] else 'missed'})")
         return lines
