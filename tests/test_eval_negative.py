@@ -169,3 +169,20 @@ def test_summary_per_case_relative_cut_and_targets():
     json.dumps(none, allow_nan=False)
     assert "relative_cut: - [-, -]" in "\n".join(suite.summary_lines({"controlled": {}, **none}))
     assert "per_case" in suite.summary(rows, controlled=False) and "targets" not in suite.summary(rows, False)
+
+
+def test_calibration_reports_every_concept_and_picks_open_ones(tmp_path):
+    from attnctl.evals.negative import SELECT, calibrate
+
+    out = tmp_path / "cal.json"
+    report = calibrate("shapes", seeds=2, seed_start=50_000, prompts=("", "a red circle"), steps=4,
+                       json_path=str(out), progress=False)
+    assert json.loads(out.read_text()) == report and report["seeds"] == [50_000, 50_001]
+    assert report["guidance_scale"] == 1.0 and [p["prompt"] for p in report["prompts"]] == ["", "a red circle"]
+    assert all(set(p["shares"]) == set(CONCEPTS) for p in report["prompts"])
+    for c in report["candidates"]:
+        share = next(p for p in report["prompts"] if p["prompt"] == c["prompt"])["shares"][c["negative"]]
+        assert SELECT[0] <= share == c["share"] <= SELECT[1]
+        assert not (c["prompt"] == "a red circle" and c["negative"] in ("red", "circle"))
+    with pytest.raises(AttnctlError, match="seeds = 0"):
+        calibrate("shapes", seeds=0)

@@ -8,7 +8,7 @@ still runs at 1).
 A case is a positive prompt, a negative concept and a seed. The concept is one colour (red, green, blue,
 yellow, purple, orange) or one shape (circle, square, triangle, star) that the prompt leaves open: the prompt
 never names it, yet the model draws it unasked in about half of the baseline images (an empty prompt's
-samples, or a two-object prompt's objects drawn in a confusable colour or shape). The suite writes the concept
+samples, or a two- or three-object prompt's objects drawn in a confusable colour or shape). The suite writes the concept
 into the control: ``negative_prompt: auto`` becomes the concept word ("blue"); a text holding ``{concept}`` is a
 template (``"a {concept}"``); any other text is an error, since the suite sets each case's negative.
 
@@ -24,15 +24,15 @@ Metrics per image, from the ShapesBench detector (``attnctl.shapes.detect``, def
   without CFG (``shapes-dit`` at guidance 1 drew every object of a two- or three-object prompt in 0-12% of
   the calibration images).
 
-Both are averaged over rows; ``delta_ci95`` holds the paired bootstrap 95% interval of controlled - baseline
+Each is averaged over rows; ``delta_ci95`` holds the paired bootstrap 95% interval of controlled - baseline
 (the same prompts and seeds), and the report adds ``relative_cut`` (``1 - controlled / baseline`` share of
 images showing the negative, with its paired bootstrap interval), ``per_case`` (each prompt and negative: its
 shares and accuracies), ``by_kind`` (colour and shape concepts, empty and object prompts) and ``targets``
 (issue 22's goal: a relative cut of at least 0.5 with a positive-accuracy change of at least -0.05).
 
 Built-in cases are per model (``CASES``), chosen by ``calibrate`` on seeds 50000-50015 (``CALIBRATION_SEED_START``,
-``CALIBRATION_SEEDS``), which the evaluation's seeds (0 up, or ``--seed-start``) never reach: every candidate
-prompt's baseline at guidance 1, and the concepts it leaves open that appear in 35-65% of its images
+``CALIBRATION_SEEDS``), which evaluation seeds stay below (seeds 0 up, or ``--seed-start 1000`` up): every
+candidate prompt's baseline at guidance 1, and the concepts it leaves open that appear in 35-65% of its images
 (``SELECT``). The calibration command (baseline only, no control)::
 
     python -m attnctl.evals.negative --model shapes --json benchmarks/negative-calibration-shapes.json
@@ -357,8 +357,8 @@ def main(argv=None) -> int:
     return 0
 
 
+__all__ = ["CASES", "CONCEPTS", "SUITE", "calibrate", "concept_kind", "parse_line", "positive_accuracy",
+           "positive_recall", "shows"]
+
 if __name__ == "__main__":
     raise SystemExit(main())
-
-__all__ = ["CASES", "CONCEPTS", "SUITE", "calibrate", "concept_kind", "parse_line", "positive_accuracy", "positive_recall",
-           "shows"]
