@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-HELP = "evaluate a recipe's controls against the baseline (suites: quality, presence, crowded, layout, interp, edit)"
+HELP = ("evaluate a recipe's controls against the baseline "
+        "(suites: quality, presence, crowded, layout, interp, edit, negative)")
 
 
 def add_arguments(parser) -> None:

@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "edit": "attnctl.evals.edit:SUITE",
     "interp": "attnctl.evals.interp:SUITE",
     "layout": "attnctl.evals.layout:SUITE",
+    "negative": "attnctl.evals.negative:SUITE",
 }
 
 
@@ -99,9 +100,10 @@ def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = 
     rec = load_recipe(recipe) if recipe else None
     points = rec.settings() if rec is not None else [{}]
     swept = rec is not None and bool(rec.sweep)
-    plans = [(point, Settings.from_recipe(rec.at(point) if swept else rec, model)) for point in points]
+    plans = [(point, Settings.from_recipe(rec.at(point) if swept else rec, model, suite.settings_defaults))
+             for point in points]
     lines = read_lines(prompts) if prompts else None
-    cases = suite.cases(lines, seeds or suite.default_seeds)
+    cases = suite.cases_for(lines, seeds, plans[0][1].model)
     if seed_start < 0:
         raise AttnctlError(f"seed_start = {seed_start}: seeds start at 0 or above")
     if seed_start:
@@ -153,6 +155,8 @@ def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = 
                 report = {"setting": point, **report}
                 print(f"setting{label}:")
             print_side_by_side(report, suite.metrics)
+            for line in suite.summary_lines(report):
+                print(line)
             reports.append(report)
             if json_path and swept:
                 _write_json(json_path, _swept(suite_name, plans, cases, recipe, rec, reports, started))
@@ -190,6 +194,7 @@ def _report(suite: Suite, settings: Settings, cases: list[Case], recipe: str | N
                      if r["baseline"].get(m) is not None and r["controlled"].get(m) is not None]
             if pairs:
                 report["delta_ci95"][m] = paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
+    report.update(suite.summary(rows, controlled))
     report["rows"] = rows
     return report
 

@@ -48,8 +48,13 @@ class Settings:
     controls: dict = field(default_factory=dict)
 
     @classmethod
-    def from_recipe(cls, recipe, model: str | None = None) -> "Settings":
+    def from_recipe(cls, recipe, model: str | None = None, defaults: dict | None = None) -> "Settings":
+        """The recipe's settings over ``defaults`` (a suite's own, e.g. guidance 1 and its control) over the
+        embedded models'. ``defaults["controls"]`` applies only without a recipe: a recipe's controls are its own."""
         s = cls()
+        for name, value in (defaults or {}).items():
+            if name != "controls" or recipe is None:
+                setattr(s, name, json.loads(json.dumps(value)))
         if recipe is not None:
             for name in ("steps", "guidance_scale", "height", "width", "negative_prompt", "scheduler",
                          "scheduler_options", "device", "dtype", "model"):
@@ -77,9 +82,15 @@ class Suite:
     metrics: ClassVar[dict[str, bool]] = {}  # metric -> higher is better
     default_seeds: ClassVar[int] = 8
     line_format: ClassVar[str] = "one prompt per line"
+    # Settings used where the recipe does not set them (and, for ``controls``, when there is no recipe).
+    settings_defaults: ClassVar[dict[str, Any]] = {}
 
     def cases(self, lines: list[str] | None, seeds: int) -> list[Case]:
         raise NotImplementedError
+
+    def cases_for(self, lines: list[str] | None, seeds: int | None, model: str) -> list[Case]:
+        """Cases for ``model`` (default: the same for every model); ``seeds`` None means the suite's default."""
+        return self.cases(lines, seeds or self.default_seeds)
 
     def fill(self, name: str, options: dict, case: Case) -> dict:
         """Options of control ``name`` for ``case`` (default: the recipe's, unchanged)."""
@@ -116,6 +127,14 @@ class Suite:
         """Suite-level fields added to the JSON (e.g. the distance a metric uses)."""
         return {}
 
+    def summary(self, rows: list[dict], controlled: bool) -> dict:
+        """Fields computed from the scored rows, added to the JSON (e.g. per-case shares, a ratio's interval)."""
+        return {}
+
+    def summary_lines(self, report: dict) -> list[str]:
+        """Lines printed after the side-by-side table."""
+        return []
+
 
 def seeded_cases(prompts: Iterable[str], seeds: int, info=None) -> list[Case]:
     """Every prompt with seeds ``0 .. seeds-1``, prompt-major."""
@@ -143,6 +162,26 @@ def paired_bootstrap(base: list[float], ctrl: list[float], n: int = 2000, seed: 
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def paired_bootstrap_relative_cut(base: list[float], ctrl: list[float], n: int = 2000,
+                                  seed: int = 0) -> list[float]:
+    """95% interval of ``1 - mean(ctrl) / mean(base)`` (the relative cut of a rate) by resampling the pairs.
+
+    Resamples whose baseline mean is 0 (the ratio is undefined) are left out; NaNs when every one is.
+    """
+    b = np.asarray(base, dtype=np.float64)
+    c = np.asarray(ctrl, dtype=np.float64)
+    if len(b) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(b), size=(n, len(b)))
+    mb, mc = b[idx].mean(axis=1), c[idx].mean(axis=1)
+    keep = mb > 0
+    if not keep.any():
+        return [float("nan"), float("nan")]
+    cuts = 1.0 - mc[keep] / mb[keep]
+    return [float(np.percentile(cuts, 2.5)), float(np.percentile(cuts, 97.5))]
 
 
 def summarise(metrics: dict[str, bool], rows: list[dict], key: str) -> dict[str, float | None]:
