@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,22 @@ from ..errors import LayoutError, ModelError
 from ..intercept import CallPlan, Tokens
 
 KINDS = ("self", "cross", "joint", "single")
+
+
+@dataclass
+class TextPass:
+    """A block's text side for a second text stream (``Adapter.text_pass``).
+
+    ``q``, ``k``, ``v``: (B, H, S_text, D), the text tokens' queries, keys and values as the block's attention
+    call sees them; ``finish(out)``: the stream after the block from the text queries' attention output
+    ``out`` (B, H, S_text, D) over the call's keys with these text keys in the text span (None: the block
+    returns no text stream, e.g. SD3's last block).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -186,6 +203,17 @@ class Adapter:
     def embed_text(self, denoiser, text: torch.Tensor) -> torch.Tensor:
         """The text stream at the first block for ``text`` (B, S, C) (only where ``text_stream`` is True)."""
         raise NotImplementedError
+
+    def text_pass(self, block, stream: torch.Tensor, inputs: dict) -> TextPass | None:
+        """The text side of ``block`` for a second text ``stream`` (B, S_text, C) (only where ``text_stream`` is
+        True): its text tokens' queries, keys and values at the block's text-reading attention module, as that
+        module's processor computes them (norms, modulation by ``inputs``' timestep embedding, rotary
+        embedding), and how the text queries' attention output becomes the stream after the block. ``inputs``:
+        the block's forward arguments for the rows of ``stream``. Every step is per token except attention, so
+        with the image tokens' keys and values of the block's own call this is exactly the block run on
+        [``stream``; the call's image tokens], without the image tokens' update. None where the block (or its
+        processor) is not one this adapter knows how to split: run the whole block."""
+        return None
 
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The kinds of denoiser call this family's pipelines make. UNet pipelines: CFG in one batch, or no CFG.

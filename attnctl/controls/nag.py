@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,10 @@ class Nag(Control):
         opts = self.options
         return opts.scale > 0 and opts.window.stop > opts.window.start
 
+    # False: the negative stream runs through whole blocks (image tokens included), the reference the text-only
+    # pass (``Adapter.text_pass``) is tested against; blocks the adapter cannot split always run whole.
+    text_only: ClassVar[bool] = True
+
     def bind(self, session):
         self._session = session
         self._hooked_blocks = False
@@ -127,7 +131,24 @@ class Nag(Control):
             return {}
         sites = select(session.sites, self.options.layers, kinds=TEXT_KINDS)
         self._modules = {site.name: module for site, module in session.site_modules if site.name in sites}
-        return sites
+        self._guided = set(sites)
+        self._blocks: list[tuple[str, torch.nn.Module, str | None]] = []  # (block, module, its text site)
+        if not session.adapter.text_stream:
+            return sites
+        # MM-DiT: the blocks that carry text, up to the last one holding a selected layer; their text sites are
+        # hooked too (unguided ones only advance the negative stream, with the call's own image keys/values).
+        text_sites = [site.name for site in session.sites if site.kind in TEXT_KINDS]
+        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
+                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
+
+        def site_in(name):
+            inside = [s for s in text_sites if s.startswith(name + ".")]
+            return inside[0] if len(inside) == 1 else None
+
+        last = max(i for i, (name, _) in enumerate(blocks) if any(s.startswith(name + ".") for s in sites))
+        self._blocks = [(name, module, site_in(name)) for name, module in blocks[: last + 1]]
+        stream_sites = {site: None for _, _, site in self._blocks if site is not None and site not in sites}
+        return {**sites, **stream_sites}
 
     # -- per pipeline call ---------------------------------------------------------------------------------
     def on_call_start(self, session):
@@ -135,7 +156,10 @@ class Nag(Control):
         self._captured: dict[str, torch.Tensor] = {}
         self._capturing = False
         self._stream: torch.Tensor | None = None
+        self._passes: dict[str, tuple] = {}  # site -> (TextPass, whether the stream advances) for its block
         self._calls = 0
+        self.block_passes = {"text": 0, "block": 0}  # negative-stream passes: text side only / whole block
+        self.attention_queries = 0  # query tokens of the text-only passes' attentions
         if not self.active:
             return
         negatives = self.options.negative_prompt
@@ -149,7 +173,10 @@ class Nag(Control):
     def on_call_end(self, session):
         if not self._calls:
             return {}
-        return {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
+        record = {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
+        if any(self.block_passes.values()):
+            record["negative_stream"] = dict(self.block_passes, attention_queries=self.attention_queries)
+        return record
 
     def _negative_of(self, session, sample: int) -> str:
         negatives = self.options.negative_prompt
@@ -176,22 +203,23 @@ class Nag(Control):
     # -- MM-DiT: the negative text stream ----------------------------------------------------------------------
     def _hook_blocks(self, session) -> None:
         """A pre-hook on every block that carries text, up to the last one holding a selected layer."""
-        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
-                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
-        hooked = set(self._modules)
-        last = max(i for i, (name, _) in enumerate(blocks)
-                   if any(site == name or site.startswith(name + ".") for site in hooked))
-        for index, (_, module) in enumerate(blocks[: last + 1]):
+        last = len(self._blocks) - 1
+        for index, (_, module, site) in enumerate(self._blocks):
             signature = inspect.signature(module.forward)
 
-            def negative_pass(module, args, kwargs, index=index, signature=signature):
-                self._negative_pass(session, module, index, signature, args, kwargs)
+            def negative_pass(module, args, kwargs, index=index, site=site, signature=signature):
+                self._negative_pass(session, module, index, index == last, site, signature, args, kwargs)
 
             handle = module.register_forward_pre_hook(negative_pass, with_kwargs=True)
             session.on_exit(handle.remove)
         self._hooked_blocks = True
 
-    def _negative_pass(self, session, module, index: int, signature, args, kwargs) -> None:
+    def _negative_pass(self, session, module, index: int, is_last: bool, site: str | None, signature, args,
+                       kwargs) -> None:
+        """Before block ``index``: the negative stream's side of it on the guided rows. Where the adapter splits
+        the block (``text_pass``), only the negative text's queries/keys/values here; its attention and the
+        stream's update happen in the block's own attention call (``_text_attention``) with that call's image
+        keys/values. Otherwise the whole block runs once more on [negative stream; image stream]."""
         frame = session.frame
         if frame is None or not self.options.window.contains(frame.step.progress):
             return
@@ -202,6 +230,7 @@ class Nag(Control):
         arguments = dict(bound.arguments)
         text = arguments["encoder_hidden_states"]
         if index == 0:
+            self._passes.clear()
             positive = frame.params[session.adapter.text_arg]
             samples = tuple(frame.layout.samples[r] for r in cond)
             self._stream = session.adapter.embed_text(session.denoiser,
@@ -214,6 +243,13 @@ class Nag(Control):
                 continue
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == len(frame.layout):
                 arguments[name] = value[cond]
+        if self.text_only and site is not None:
+            split = session.adapter.text_pass(module, self._stream, arguments)
+            if split is not None:
+                self._passes[site] = (split, not is_last)
+                self.block_passes["text"] += 1
+                return
+        self.block_passes["block"] += 1
         arguments["encoder_hidden_states"] = self._stream
         narrow = replace(frame, layout=BatchLayout(("cond",) * len(cond), tuple(frame.layout.samples[r] for r in cond),
                                                     frame.layout.kind))
@@ -227,6 +263,30 @@ class Nag(Control):
             session.frame, session.hooks, self._capturing = frame, hooks, False
         self._stream = out[0] if isinstance(out, tuple) else None
 
+    def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool) -> torch.Tensor | None:
+        """The negative text's side of an attention call: keys/values are the call's own on the guided rows with
+        the text span holding the negative text's; the text queries' output advances the stream (``advance``),
+        the image queries' output is Z- (returned where ``guided``). One attention over the queries needed."""
+        text, image = call.text, call.image
+        if split.k.shape[2] != text.stop - text.start:
+            raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at "
+                               f"{call.site.name}, its text span {text.stop - text.start}")
+        rows = torch.as_tensor(cond, device=call.q.device)
+        k, v = call.k[rows], call.v[rows]  # fresh tensors (advanced indexing): the call's own stay untouched
+        k[:, :, text], v[:, :, text] = split.k.to(k.dtype), split.v.to(v.dtype)
+        if guided and advance:
+            q = call.q[rows]
+            q[:, :, text] = split.q.to(q.dtype)
+        elif guided:
+            q = call.q[rows][:, :, image]
+        else:
+            q = split.q.to(k.dtype)
+        self.attention_queries += q.shape[0] * q.shape[2]
+        out = F.scaled_dot_product_attention(q, k, v)
+        if advance:
+            self._stream = split.finish(out[:, :, text] if guided else out)
+        return out[:, :, image] if guided and advance else (out if guided else None)
+
     # -- per attention call ---------------------------------------------------------------------------------
     def on_attention(self, call):
         opts = self.options
@@ -235,12 +295,21 @@ class Nag(Control):
         image = call.image
         site = call.site.name
         if self._capturing:
-            call.then(lambda out: self._capture(site, out, image))
+            if site in self._guided:
+                call.then(lambda out: self._capture(site, out, image))
             return
         cond = call.layout.rows("cond")
         if not cond:
             return
-        if call.session.adapter.text_stream:
+        if site in self._passes:
+            split, advance = self._passes.pop(site)
+            guided = site in self._guided
+            negative = self._text_attention(call, split, advance and split.finish is not None, cond, guided)
+            if not guided:
+                return
+        elif site not in self._guided:  # advances the stream only; its block ran whole
+            return
+        elif call.session.adapter.text_stream:
             negative = self._captured.pop(site, None)
             if negative is None:
                 raise ControlError(f"control 'nag': no negative-prompt attention was computed for {site} at this "
