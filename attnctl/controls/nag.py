@@ -68,6 +68,40 @@ def normalized_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: f
     return alpha * (guided * factor) + (1 - alpha) * positive
 
 
+def _negative_keys(k: torch.Tensor, v: torch.Tensor, split, text: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (B, H, S, D) of a call with the negative text's (``split``) in the text span."""
+    k, v = k.clone(), v.clone()
+    k[:, :, text], v[:, :, text] = split.k.to(k.dtype), split.v.to(v.dtype)
+    return k, v
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(D)) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq): PyTorch's CPU
+    flash kernel, which returns both (a CPU tensor of a dtype it takes), else in chunks of 1024 queries."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+            return out, lse
+        except (RuntimeError, AttributeError):  # a torch without the kernel
+            pass
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    outs, lses = [], []
+    for start in range(0, q.shape[2], 1024):
+        scores = (q[:, :, start:start + 1024].to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse[..., None]) @ v.to(dtype)).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention output over keys A and B together from each part's (output, log-sum-exp)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (weight_a * out_a.to(weight_a.dtype) + weight_b * out_b.to(weight_b.dtype)).to(out_a.dtype)
+
+
 class NagOptions(StrictOptions):
     negative_prompt: str | list[str] = Field(description="What the image should not show: one text for every "
                                                          "prompt, or a list with one per prompt.")
@@ -159,7 +193,8 @@ class Nag(Control):
         self._passes: dict[str, tuple] = {}  # site -> (TextPass, whether the stream advances) for its block
         self._calls = 0
         self.block_passes = {"text": 0, "block": 0}  # negative-stream passes: text side only / whole block
-        self.attention_queries = 0  # query tokens of the text-only passes' attentions
+        self.attention_pairs = 0  # query-key pairs the negative text's attentions add (text-only passes)
+        self.shared_calls = 0  # guided calls whose image keys' scores Z+ and Z- shared
         if not self.active:
             return
         negatives = self.options.negative_prompt
@@ -175,7 +210,8 @@ class Nag(Control):
             return {}
         record = {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
         if any(self.block_passes.values()):
-            record["negative_stream"] = dict(self.block_passes, attention_queries=self.attention_queries)
+            record["negative_stream"] = dict(self.block_passes, attention_pairs=self.attention_pairs,
+                                             shared_calls=self.shared_calls)
         return record
 
     def _negative_of(self, session, sample: int) -> str:
@@ -263,17 +299,13 @@ class Nag(Control):
             session.frame, session.hooks, self._capturing = frame, hooks, False
         self._stream = out[0] if isinstance(out, tuple) else None
 
-    def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool) -> torch.Tensor | None:
-        """The negative text's side of an attention call: keys/values are the call's own on the guided rows with
-        the text span holding the negative text's; the text queries' output advances the stream (``advance``),
-        the image queries' output is Z- (returned where ``guided``). One attention over the queries needed."""
+    def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool):
+        """The negative text's side of an attention call, on its own: keys/values are the call's own on the guided
+        rows with the text span holding the negative text's; returns (Z-: the image queries' output where
+        ``guided``, the text queries' output where ``advance``). One attention over the queries needed."""
         text, image = call.text, call.image
-        if split.k.shape[2] != text.stop - text.start:
-            raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at "
-                               f"{call.site.name}, its text span {text.stop - text.start}")
         rows = torch.as_tensor(cond, device=call.q.device)
-        k, v = call.k[rows], call.v[rows]  # fresh tensors (advanced indexing): the call's own stay untouched
-        k[:, :, text], v[:, :, text] = split.k.to(k.dtype), split.v.to(v.dtype)
+        k, v = _negative_keys(call.k[rows], call.v[rows], split, text)
         if guided and advance:
             q = call.q[rows]
             q[:, :, text] = split.q.to(q.dtype)
@@ -281,11 +313,35 @@ class Nag(Control):
             q = call.q[rows][:, :, image]
         else:
             q = split.q.to(k.dtype)
-        self.attention_queries += q.shape[0] * q.shape[2]
+        self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
         out = F.scaled_dot_product_attention(q, k, v)
+        if guided and advance:
+            return out[:, :, image], out[:, :, text]
+        return (out, None) if guided else (None, out)
+
+    def _shared_attention(self, q, k, v, split, text: slice, image: slice, advance: bool, shared: dict):
+        """The guided rows' attention (``AttentionCall.take_rows``) together with the negative text's: the image
+        queries' scores over the image keys, the largest part, are computed once for Z+ and Z- (each softmax
+        over [image; text] keys is that part's output and log-sum-exp merged with the text keys' part: the same
+        softmax, rounded differently). The text queries (the prompt's, and the negative text's where
+        ``advance``) attend in one batched call. Puts Z- and the negative text's output in ``shared``."""
+        n = q.shape[0]
+        k_neg, v_neg = _negative_keys(k, v, split, text)
+        q_image = q[:, :, image]
+        own = _attention_lse(q_image, k[:, :, image], v[:, :, image])
+        z_plus = _merge(own, _attention_lse(q_image, k[:, :, text], v[:, :, text]))
+        shared["image"] = _merge(own, _attention_lse(q_image, k_neg[:, :, text], v_neg[:, :, text]))
+        out = q.new_empty(q.shape[:3] + v.shape[3:])
+        out[:, :, image] = z_plus.to(out.dtype)
         if advance:
-            self._stream = split.finish(out[:, :, text] if guided else out)
-        return out[:, :, image] if guided and advance else (out if guided else None)
+            both = F.scaled_dot_product_attention(torch.cat([q[:, :, text], split.q.to(q.dtype)]),
+                                                  torch.cat([k, k_neg]), torch.cat([v, v_neg]))
+            out[:, :, text], shared["text"] = both[:n], both[n:]
+        else:
+            out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
+        n_keys, n_image, n_text = k.shape[2], q_image.shape[2], split.k.shape[2]
+        self.attention_pairs += n * (n_image * n_text + (n_text * n_keys if advance else 0))  # beyond Z+'s own
+        return out
 
     # -- per attention call ---------------------------------------------------------------------------------
     def on_attention(self, call):
@@ -303,10 +359,12 @@ class Nag(Control):
             return
         if site in self._passes:
             split, advance = self._passes.pop(site)
-            guided = site in self._guided
-            negative = self._text_attention(call, split, advance and split.finish is not None, cond, guided)
-            if not guided:
-                return
+            text = call.text
+            if split.k.shape[2] != text.stop - text.start:
+                raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at {site}, its "
+                                   f"text span {text.stop - text.start}")
+            self._text_side(call, split, advance and split.finish is not None, cond, site in self._guided)
+            return
         elif site not in self._guided:  # advances the stream only; its block ran whole
             return
         elif call.session.adapter.text_stream:
@@ -323,6 +381,30 @@ class Nag(Control):
             negative = F.scaled_dot_product_attention(call.q[cond], key.to(call.q.dtype), value.to(call.q.dtype))
         self._calls += 1
         call.then(lambda out: self._guide(out, negative, cond, image))
+
+    def _text_side(self, call, split, advance: bool, cond: list[int], guided: bool) -> None:
+        """Where the block was split: the negative text's attention in this call, the stream's update (``advance``)
+        and, at a guided site, the guidance. On CPU, at a guided site whose [image; text] keys are all the call
+        has, the guided rows' attention is computed here (``take_rows``) sharing the image keys' part with Z-."""
+        text, image = call.text, call.image
+        shared: dict[str, torch.Tensor] = {}
+        whole = (text.stop - text.start) + (image.stop - image.start) == call.q.shape[2] == call.k.shape[2]
+        if guided and whole and call.q.device.type == "cpu":
+            call.take_rows(cond, lambda q, k, v: self._shared_attention(q, k, v, split, text, image, advance, shared))
+        if guided:
+            self._calls += 1
+
+        def after(out):
+            if shared:
+                negative, negative_text = shared["image"], shared.get("text")
+                self.shared_calls += 1
+            else:  # the backend computed the guided rows (another control changed them, or not on CPU)
+                negative, negative_text = self._text_attention(call, split, advance, cond, guided)
+            if advance:
+                self._stream = split.finish(negative_text)
+            return self._guide(out, negative, cond, image) if guided else out
+
+        call.then(after)
 
     def _capture(self, site: str, out: torch.Tensor, image: slice) -> torch.Tensor:
         self._captured[site] = out[:, :, image]
