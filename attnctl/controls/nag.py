@@ -20,12 +20,23 @@ Where the negative text comes from:
 - UNet cross-attention (SD1.x/2.x, SDXL) reads the same text embeddings in every layer, so the negative
   prompt's keys/values are the layer's own projections of its embeddings (one small extra attention per layer).
 - MM-DiT (SD3/3.5 joint attention, FLUX double- and single-stream blocks) updates the text tokens block by
-  block, so the negative prompt's tokens run as a second text stream beside the first: before each block, the
-  block runs once more with the negative stream and the (shared) image stream on the guided rows; its image
-  queries' attention output is Z-, its text output is the negative stream for the next block, and its image
-  output is discarded (as the official code does, where the negative rows' image tokens are overwritten). That
-  pass stops after the last block that holds a selected layer. Difference from the official FLUX code: the
-  negative stream is modulated by the call's own pooled text embedding, not the negative prompt's.
+  block, so the negative prompt's tokens run as a second text stream beside the first, on the guided rows, as
+  if each block ran on [negative stream; the call's own image stream] with its image output discarded (as
+  the official code does, where the negative rows' image tokens are overwritten). Only the text side of that
+  is computed (``Adapter.text_pass``): every step of a block but attention is per token, and the image tokens'
+  keys and values are the call's own, so before each block the negative text's queries/keys/values come from
+  the block's own modules (its text modulation, projections, norms, rotary embedding), and in the block's
+  attention call the negative keys/values replace the text span: the image queries' output is Z-, the text
+  queries' output goes through the block's text output path (``to_add_out``, gated residual, text MLP; a
+  single-stream block's shared MLP and ``proj_out`` on the text tokens only) to give the stream for the next
+  block. On CPU the guided rows' attention is computed here, once for Z+ and Z-: the image queries' scores
+  over the image keys (the largest part) are shared, each output merged from the image-key and text-key parts
+  by their log-sum-exp. The stream advances up to the last block holding a selected layer (that block's text
+  output is never read). A block the adapter cannot split (another block class, a processor it does not
+  know, fused projections) runs whole once more instead (``text_only = False``: every block, the reference).
+  Differences from the official code: the negative stream is modulated by the call's own pooled text
+  embedding, not the negative prompt's (FLUX); the official code runs FLUX's single-stream blocks on whole
+  [negative text; image] rows and carries the stream through every block.
 
 Only the conditional rows are guided (the prompt's own; with CFG the unconditional rows stay as they are, and
 rows of extra branches such as PAG's perturbed ones are left alone). The negative prompt is encoded once per
