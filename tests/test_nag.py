@@ -177,8 +177,8 @@ def test_sd3_joint_attention_call_matches_explicit_float64(path):
 def test_sd3_negative_stream_starts_from_the_negative_prompt(path, monkeypatch):
     """The whole-block path: the negative pass's attention input is the block's norm1_context of the context
     embedder's output for the negative prompt; the text path: the stream handed to the adapter's split of
-    block 0 is that output, and the text keys it gives are the module's add_k_proj + norm_added_k of the same
-    normed stream."""
+    block 0 is that output (identical tokens once), and the text keys it gives are the module's add_k_proj +
+    norm_added_k of the same normed stream."""
     from attnctl.adapters.sd3 import SD3Adapter
 
     pipe = tiny_pipeline("sd3")
@@ -218,9 +218,11 @@ def test_sd3_negative_stream_starts_from_the_negative_prompt(path, monkeypatch):
         torch.testing.assert_close(calls[0][0]["encoder_hidden_states"], normed, rtol=1e-5, atol=1e-5)
         return
     assert len(calls) == 1 and splits[0][0] is block
-    torch.testing.assert_close(splits[0][1], stream, rtol=1e-5, atol=1e-5)
+    # tiny:sd3 has no T5: its 256 T5 tokens are zeros, identical all through, carried as one (the 78th)
+    assert pipe.text_encoder_3 is None and torch.equal(stream[:, 77:], stream[:, 77:78].expand_as(stream[:, 77:]))
+    torch.testing.assert_close(splits[0][1], stream[:, :78], rtol=1e-5, atol=1e-5)
     attn = block.attn
-    key = attn.norm_added_k(heads(attn.add_k_proj(normed), attn.heads))
+    key = attn.norm_added_k(heads(attn.add_k_proj(normed[:, :78]), attn.heads))
     torch.testing.assert_close(splits[0][2].k, key, rtol=1e-5, atol=1e-5)
 
 
@@ -581,3 +583,40 @@ def test_shared_attention_steps_aside_when_another_control_changes_the_rows():
     assert biased_stats["negative_stream"]["shared_calls"] == 0
     assert biased_stats["layer_calls"] == stats["layer_calls"]
     torch.testing.assert_close(biased, alone, rtol=0, atol=1e-5)
+
+
+def test_identical_negative_tokens_are_carried_once():
+    """SD3 without T5 (tiny:sd3, shapes-dit): the 256 T5 tokens are zeros and stay identical in every block, so
+    the text path carries one of them (78 tokens, each key counted as often as it stands for); counted: the
+    negative text's attentions add under a fifth of the query-key pairs of all 333 tokens, and the output still
+    equals the whole-block path (test_text_path_equals_whole_block_path)."""
+    from attnctl.controls.nag import _identical_tokens
+
+    stream = torch.randn(2, 6, 4)
+    stream[:, 3] = stream[:, 1]
+    stream[:, 5] = stream[:, 1]
+    first, group, log_counts = _identical_tokens(stream)
+    assert first.tolist() == [0, 1, 2, 4] and group.tolist() == [0, 1, 2, 1, 3, 1]
+    torch.testing.assert_close(log_counts.exp(), torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    assert torch.equal(stream[:, first][:, group], stream)
+    stream[0, 3, 0] += 1  # identical in one row only: not shared
+    assert _identical_tokens(stream)[0].tolist() == [0, 1, 2, 3, 4]
+    assert _identical_tokens(torch.randn(1, 5, 3)) is None
+
+    pipe = tiny_pipeline("sd3")
+    shapes = []
+    handle = pipe.transformer.transformer_blocks[0].attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append((kwargs["hidden_states"].shape[1],
+                                                 kwargs["encoder_hidden_states"].shape[1])), with_kwargs=True)
+    try:
+        _, stats = _latents(pipe, "sd3", [_nag("text", negative_prompt=NEGATIVE)], steps=1)
+    finally:
+        handle.remove()
+    (n_image, n_text), = shapes
+    blocks, shared = len(pipe.transformer.transformer_blocks), 78
+    assert n_text == 333 and stats["negative_stream"]["shared_calls"] == blocks
+    # per block: the image queries over the negative text keys; before the last block the negative text's queries
+    # over [image; negative text] (one guided row: CFG's cond row)
+    expected = blocks * n_image * shared + (blocks - 1) * shared * (n_image + shared)
+    assert stats["negative_stream"]["attention_pairs"] == expected
+    assert expected < 0.2 * (blocks * n_image * n_text + (blocks - 1) * n_text * (n_image + n_text))

@@ -189,6 +189,9 @@ class Adapter:
     # the blocks update (MM-DiT), so a second text must run through the blocks beside the first (``embed_text``
     # gives the stream's start; the blocks in ``block_attrs`` carry it).
     text_stream: bool = False
+    # ``True``: inside the blocks text tokens carry no position (no rotary embedding on them), so identical text
+    # tokens stay identical through every block and a second text stream may carry one of each.
+    text_positionless: bool = False
 
     def encode_text(self, pipe, prompts: list[str], text_len: int, device, dtype) -> torch.Tensor:
         """``prompts`` encoded by the pipeline's own text encoders into what the denoiser's ``text_arg`` takes:

@@ -60,6 +60,7 @@ class SD3Adapter(Adapter):
         return transformer
 
     text_stream = True
+    text_positionless = True  # position embeddings only on the image patches
 
     def encode_text(self, pipe, prompts, text_len, device, dtype):
         # [CLIP-L ++ CLIP-G (77 tokens); T5 (text_len - 77 tokens)], by the pipeline's own encoders (the class's

@@ -79,17 +79,27 @@ def normalized_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: f
     return alpha * (guided * factor) + (1 - alpha) * positive
 
 
-def _negative_keys(k: torch.Tensor, v: torch.Tensor, split, text: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (B, H, S, D) of a call with the negative text's (``split``) in the text span."""
-    k, v = k.clone(), v.clone()
-    k[:, :, text], v[:, :, text] = split.k.to(k.dtype), split.v.to(v.dtype)
-    return k, v
+def _negative_keys(k: torch.Tensor, v: torch.Tensor, split, text: slice, log_counts: torch.Tensor | None):
+    """Keys and values (B, H, S', D) of a call with the negative text's (``split``) in place of its text span,
+    that span in them, and the additive key bias (S',) where the negative text's tokens stand for several
+    identical ones (``log_counts``; None: one each)."""
+    k = torch.cat([k[:, :, : text.start], split.k.to(k.dtype), k[:, :, text.stop:]], dim=2)
+    v = torch.cat([v[:, :, : text.start], split.v.to(v.dtype), v[:, :, text.stop:]], dim=2)
+    span = slice(text.start, text.start + split.k.shape[2])
+    if log_counts is None:
+        return k, v, span, None
+    bias = torch.zeros(k.shape[2], dtype=k.dtype, device=k.device)
+    bias[span] = log_counts.to(k.dtype)
+    return k, v, span, bias
 
 
-def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(D)) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq): PyTorch's CPU
-    flash kernel, which returns both (a CPU tensor of a dtype it takes), else in chunks of 1024 queries."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(D) + bias) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq); ``bias``
+    (Sk,) per key or None. PyTorch's CPU flash kernel, which returns both (no bias, a CPU tensor of a dtype it
+    takes), else in chunks of 1024 queries."""
+    if bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                               torch.float16):
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
             return out, lse
@@ -99,10 +109,31 @@ def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     outs, lses = [], []
     for start in range(0, q.shape[2], 1024):
         scores = (q[:, :, start:start + 1024].to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if bias is not None:
+            scores = scores + bias.to(dtype)
         lse = torch.logsumexp(scores, dim=-1)
         outs.append((torch.exp(scores - lse[..., None]) @ v.to(dtype)).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _identical_tokens(stream: torch.Tensor):
+    """Where the negative stream (B, S, C) holds identical tokens (in every row; e.g. SD3's 256 T5 tokens, all
+    zeros, in a pipeline without T5): (one token per group (U,), in order; each token's group (S,); log of
+    each group's size (U,)), else None. In blocks without text positions identical tokens stay identical (their
+    every step is the same), so the stream carries one of each, and as keys each counts as many times as it
+    stands for (+log count on its scores: the same softmax)."""
+    flat = stream.transpose(0, 1).reshape(stream.shape[1], -1)
+    _, group, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+    if len(counts) == stream.shape[1]:
+        return None
+    positions = torch.arange(stream.shape[1], device=stream.device)
+    first = torch.full((len(counts),), stream.shape[1], device=stream.device).scatter_reduce(0, group, positions,
+                                                                                              "amin")
+    order = torch.argsort(first)  # groups in the order of their first token
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return first[order], rank[group], counts[order].to(stream.dtype).log()
 
 
 def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -201,6 +232,7 @@ class Nag(Control):
         self._captured: dict[str, torch.Tensor] = {}
         self._capturing = False
         self._stream: torch.Tensor | None = None
+        self._share: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _identical_tokens
         self._passes: dict[str, tuple] = {}  # site -> (TextPass, whether the stream advances) for its block
         self._calls = 0
         self.block_passes = {"text": 0, "block": 0}  # negative-stream passes: text side only / whole block
@@ -282,6 +314,11 @@ class Nag(Control):
             samples = tuple(frame.layout.samples[r] for r in cond)
             self._stream = session.adapter.embed_text(session.denoiser,
                                                       self._negative_embeds(session, samples, positive))
+            self._share = None
+            if self.text_only and session.adapter.text_positionless:
+                self._share = _identical_tokens(self._stream)
+                if self._share is not None:
+                    self._stream = self._stream[:, self._share[0]]
         if self._stream is None or text is None:
             return
         skip = session.adapter.block_unbatched_args
@@ -297,7 +334,8 @@ class Nag(Control):
                 self.block_passes["text"] += 1
                 return
         self.block_passes["block"] += 1
-        arguments["encoder_hidden_states"] = self._stream
+        share = self._share
+        arguments["encoder_hidden_states"] = self._stream if share is None else self._stream[:, share[1]]
         narrow = replace(frame, layout=BatchLayout(("cond",) * len(cond), tuple(frame.layout.samples[r] for r in cond),
                                                     frame.layout.kind))
         hooks = session.hooks
@@ -309,6 +347,8 @@ class Nag(Control):
         finally:
             session.frame, session.hooks, self._capturing = frame, hooks, False
         self._stream = out[0] if isinstance(out, tuple) else None
+        if share is not None and self._stream is not None:
+            self._stream = self._stream[:, share[0]]
 
     def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool):
         """The negative text's side of an attention call, on its own: keys/values are the call's own on the guided
@@ -316,19 +356,22 @@ class Nag(Control):
         ``guided``, the text queries' output where ``advance``). One attention over the queries needed."""
         text, image = call.text, call.image
         rows = torch.as_tensor(cond, device=call.q.device)
-        k, v = _negative_keys(call.k[rows], call.v[rows], split, text)
-        if guided and advance:
-            q = call.q[rows]
-            q[:, :, text] = split.q.to(q.dtype)
-        elif guided:
+        k, v, span, bias = _negative_keys(call.k[rows], call.v[rows], split, text, self._log_counts)
+        mask = bias[None, None, None, :] if bias is not None else None
+        negative = negative_text = None
+        if guided and advance and bias is None:  # one call: the call's own query layout, its text span replaced
+            q = torch.cat([call.q[rows][:, :, : text.start], split.q.to(k.dtype), call.q[rows][:, :, text.stop:]], 2)
+            out = F.scaled_dot_product_attention(q, k, v)
+            self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
+            return out[:, :, image], out[:, :, span]
+        if guided:
             q = call.q[rows][:, :, image]
-        else:
-            q = split.q.to(k.dtype)
-        self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
-        out = F.scaled_dot_product_attention(q, k, v)
-        if guided and advance:
-            return out[:, :, image], out[:, :, text]
-        return (out, None) if guided else (None, out)
+            negative = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
+        if advance:
+            negative_text = F.scaled_dot_product_attention(split.q.to(k.dtype), k, v, attn_mask=mask)
+            self.attention_pairs += split.q.shape[0] * split.q.shape[2] * k.shape[2]
+        return negative, negative_text
 
     def _shared_attention(self, q, k, v, split, text: slice, image: slice, advance: bool, shared: dict):
         """The guided rows' attention (``AttentionCall.take_rows``) together with the negative text's: the image
@@ -337,20 +380,25 @@ class Nag(Control):
         softmax, rounded differently). The text queries (the prompt's, and the negative text's where
         ``advance``) attend in one batched call. Puts Z- and the negative text's output in ``shared``."""
         n = q.shape[0]
-        k_neg, v_neg = _negative_keys(k, v, split, text)
+        k_neg, v_neg, span, bias = _negative_keys(k, v, split, text, self._log_counts)
         q_image = q[:, :, image]
         own = _attention_lse(q_image, k[:, :, image], v[:, :, image])
         z_plus = _merge(own, _attention_lse(q_image, k[:, :, text], v[:, :, text]))
-        shared["image"] = _merge(own, _attention_lse(q_image, k_neg[:, :, text], v_neg[:, :, text]))
+        shared["image"] = _merge(own, _attention_lse(q_image, split.k.to(k.dtype), split.v.to(v.dtype),
+                                                     self._log_counts))
         out = q.new_empty(q.shape[:3] + v.shape[3:])
         out[:, :, image] = z_plus.to(out.dtype)
-        if advance:
+        if advance and bias is not None:  # the negative keys are fewer: a call of their own
+            out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
+            shared["text"] = F.scaled_dot_product_attention(split.q.to(q.dtype), k_neg, v_neg,
+                                                            attn_mask=bias[None, None, None, :])
+        elif advance:
             both = F.scaled_dot_product_attention(torch.cat([q[:, :, text], split.q.to(q.dtype)]),
                                                   torch.cat([k, k_neg]), torch.cat([v, v_neg]))
             out[:, :, text], shared["text"] = both[:n], both[n:]
         else:
             out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
-        n_keys, n_image, n_text = k.shape[2], q_image.shape[2], split.k.shape[2]
+        n_keys, n_image, n_text = k_neg.shape[2], q_image.shape[2], split.k.shape[2]
         self.attention_pairs += n * (n_image * n_text + (n_text * n_keys if advance else 0))  # beyond Z+'s own
         return out
 
@@ -371,9 +419,10 @@ class Nag(Control):
         if site in self._passes:
             split, advance = self._passes.pop(site)
             text = call.text
-            if split.k.shape[2] != text.stop - text.start:
-                raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at {site}, its "
-                                   f"text span {text.stop - text.start}")
+            expected = text.stop - text.start if self._share is None else len(self._share[0])
+            if split.k.shape[2] != expected:
+                raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at {site}, "
+                                   f"expected {expected}")
             self._text_side(call, split, advance and split.finish is not None, cond, site in self._guided)
             return
         elif site not in self._guided:  # advances the stream only; its block ran whole
@@ -392,6 +441,10 @@ class Nag(Control):
             negative = F.scaled_dot_product_attention(call.q[cond], key.to(call.q.dtype), value.to(call.q.dtype))
         self._calls += 1
         call.then(lambda out: self._guide(out, negative, cond, image))
+
+    @property
+    def _log_counts(self) -> torch.Tensor | None:
+        return None if self._share is None else self._share[2]
 
     def _text_side(self, call, split, advance: bool, cond: list[int], guided: bool) -> None:
         """Where the block was split: the negative text's attention in this call, the stream's update (``advance``)
