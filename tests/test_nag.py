@@ -536,12 +536,13 @@ def test_the_text_path_runs_no_image_side_work_for_the_negative_stream(family):
                 assert block[name][1] == tokens * 2
 
 
-@pytest.mark.parametrize("family,size,at_most", [("sd3", None, 1.65), ("flux", None, 1.6), ("flux", 96, 1.3)])
+@pytest.mark.parametrize("family,size,at_most", [("sd3", None, 1.2), ("flux", None, 1.6), ("flux", 96, 1.3)])
 def test_flops_of_the_text_path(family, size, at_most):
     """Floating-point operations of a 1-step call without CFG (``attnctl.bench.nag.count_flops``), against the
     plain call: the whole-block path doubles the work (1.99x), CFG doubles it (2.0x), the text path adds only the
-    negative text stream and its attention to the image keys (measured: SD3 at its tiny size, 333 text and 64
-    image tokens, 1.58x; FLUX at its tiny size 1.52x; FLUX at 96 px, 576 image and 32 text tokens, < 1.3x)."""
+    negative text stream and its attention to the image keys (measured: SD3 at its tiny size, 256 image and 333
+    text tokens of which 256 identical, 1.14x; FLUX at its tiny size, 64 image and 32 text tokens, 1.52x; FLUX
+    at 96 px, 576 image tokens, < 1.3x)."""
     from attnctl.bench.nag import count_flops
 
     pipe = tiny_pipeline(family)
