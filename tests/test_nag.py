@@ -563,9 +563,11 @@ def test_flops_of_the_text_path(family, size, at_most):
     assert 1.0 < text <= at_most
 
 
-def test_shared_attention_steps_aside_when_another_control_changes_the_rows():
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_shared_attention_steps_aside_when_another_control_changes_the_rows(family):
     """A control adding a (zero) bias to every call keeps the guided rows on the backend (``take_rows`` is not
-    honoured): NAG then computes Z- with its own attention, and the output is the same within float32 noise."""
+    honoured): NAG then computes Z- with its own attention (on SD3 with the identical tokens' key bias), and the
+    output is the same within float32 noise."""
     from attnctl.controls.base import Control
 
     class ZeroBias(Control):
@@ -577,9 +579,9 @@ def test_shared_attention_steps_aside_when_another_control_changes_the_rows():
         def on_attention(self, call):
             call.add_bias(torch.zeros(call.k.shape[2]))
 
-    pipe = tiny_pipeline("flux")
-    alone, stats = _latents(pipe, "flux", [_nag("text", negative_prompt=NEGATIVE)])
-    biased, biased_stats = _latents(pipe, "flux", [_nag("text", negative_prompt=NEGATIVE), ZeroBias()])
+    pipe = tiny_pipeline(family)
+    alone, stats = _latents(pipe, family, [_nag("text", negative_prompt=NEGATIVE)])
+    biased, biased_stats = _latents(pipe, family, [_nag("text", negative_prompt=NEGATIVE), ZeroBias()])
     assert stats["negative_stream"]["shared_calls"] == stats["layer_calls"] > 0
     assert biased_stats["negative_stream"]["shared_calls"] == 0
     assert biased_stats["layer_calls"] == stats["layer_calls"]
