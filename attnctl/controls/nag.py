@@ -34,8 +34,9 @@ Where the negative text comes from:
   by their log-sum-exp. The stream advances up to the last block holding a selected layer (that block's text
   output is never read). Where text tokens carry no position inside the blocks (SD3: ``text_positionless``),
   identical negative-text tokens stay identical, so the stream carries one of each, counted as keys as often
-  as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the adapter cannot split (another block class, a processor it does not
-  know, fused projections) runs whole once more instead (``text_only = False``: every block, the reference).
+  as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the adapter cannot
+  split (another block class, a processor it does not know, fused projections) runs whole once more instead
+  (``text_only = False``: every block, the reference).
   Differences from the official code: the negative stream is modulated by the call's own pooled text
   embedding, not the negative prompt's (FLUX); the official code runs FLUX's single-stream blocks on whole
   [negative text; image] rows and carries the stream through every block.
