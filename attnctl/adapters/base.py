@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,22 @@ from ..errors import LayoutError, ModelError
 from ..intercept import CallPlan, Tokens
 
 KINDS = ("self", "cross", "joint", "single")
+
+
+@dataclass
+class TextPass:
+    """A block's text side for a second text stream (``Adapter.text_pass``).
+
+    ``q``, ``k``, ``v``: (B, H, S_text, D), the text tokens' queries, keys and values as the block's attention
+    call sees them; ``finish(out)``: the stream after the block from the text queries' attention output
+    ``out`` (B, H, S_text, D) over the call's keys with these text keys in the text span (None: the block
+    returns no text stream, e.g. SD3's last block).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,9 @@ class Adapter:
     # the blocks update (MM-DiT), so a second text must run through the blocks beside the first (``embed_text``
     # gives the stream's start; the blocks in ``block_attrs`` carry it).
     text_stream: bool = False
+    # ``True``: inside the blocks text tokens carry no position (no rotary embedding on them), so identical text
+    # tokens stay identical through every block and a second text stream may carry one of each.
+    text_positionless: bool = False
 
     def encode_text(self, pipe, prompts: list[str], text_len: int, device, dtype) -> torch.Tensor:
         """``prompts`` encoded by the pipeline's own text encoders into what the denoiser's ``text_arg`` takes:
@@ -233,6 +253,17 @@ class Adapter:
     # skips ``check_inputs``/``encode_prompt`` (Z-Image's pipelines, given ``prompt_embeds`` without a prompt): the
     # engine starts a pipeline call there if none is open (its prompts then unknown).
     call_start_methods: tuple[str, ...] = ()
+
+    def text_pass(self, block, stream: torch.Tensor, inputs: dict) -> TextPass | None:
+        """The text side of ``block`` for a second text ``stream`` (B, S_text, C) (only where ``text_stream`` is
+        True): its text tokens' queries, keys and values at the block's text-reading attention module, as that
+        module's processor computes them (norms, modulation by ``inputs``' timestep embedding, rotary
+        embedding), and how the text queries' attention output becomes the stream after the block. ``inputs``:
+        the block's forward arguments for the rows of ``stream``. Every step is per token except attention, so
+        with the image tokens' keys and values of the block's own call this is exactly the block run on
+        [``stream``; the call's image tokens], without the image tokens' update. None where the block (or its
+        processor) is not one this adapter knows how to split: run the whole block."""
+        return None
 
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The branches of a CFG batch's two halves, in order (``attnctl.layouts.cfg_batch``).

@@ -7,10 +7,12 @@ tensors are (B, S, H, D). A call no control acts on goes to that backend unchang
 
 from __future__ import annotations
 
+import torch
+
 from .. import layouts
 from ..errors import LayoutError
 from ..intercept import CallPlan, Tokens
-from .base import Adapter, TextSegment, n_tokens
+from .base import Adapter, TextPass, TextSegment, n_tokens
 
 
 class FluxAdapter(Adapter):
@@ -86,6 +88,53 @@ class FluxAdapter(Adapter):
 
     def embed_text(self, denoiser, text):
         return denoiser.context_embedder(text)
+
+    def text_pass(self, block, stream, inputs):
+        """The text side of a double-stream block (``norm1_context`` by the block's ``temb``, the module's
+        ``add_q/k/v_proj`` and ``norm_added_q/k``; after attention ``to_add_out``, the gated residual,
+        ``norm2_context`` and ``ff_context``) or of a single-stream block (its ``norm``, the module's shared
+        ``to_q/k/v`` and ``norm_q/k`` on the text tokens; after attention ``proj_mlp`` and ``proj_out`` on those
+        tokens only: every step but attention is per token), with the text positions' rotary embedding
+        (the first S_text of the call's ``image_rotary_emb``, [text; image]). Under the stock
+        ``FluxAttnProcessor`` with unfused projections only."""
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxSingleTransformerBlock,
+                                                                    FluxTransformerBlock)
+
+        attn = getattr(block, "attn", None)
+        if (type(block) not in (FluxTransformerBlock, FluxSingleTransformerBlock)
+                or type(attn.processor) is not FluxAttnProcessor or getattr(attn, "fused_projections", False)):
+            return None
+        double = type(block) is FluxTransformerBlock
+        temb, rope = inputs["temb"], inputs.get("image_rotary_emb")
+        n_text = stream.shape[1]
+        if double:
+            normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=temb)
+            projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q,
+                                                                                        attn.norm_added_k)
+        else:
+            normed, gate = block.norm(stream, emb=temb)
+            projections, norms = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+        q, k, v = (f(normed).unflatten(-1, (-1, attn.head_dim)) for f in projections)
+        q, k = norms[0](q), norms[1](k)
+        if rope is not None:
+            rope = tuple(r[:n_text] for r in rope)
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+
+        def finish(out):
+            out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+            if double:
+                text = stream + gate.unsqueeze(1) * attn.to_add_out(out.contiguous())
+                mlp_in = block.norm2_context(text) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+                text = text + gate_mlp.unsqueeze(1) * block.ff_context(mlp_in)
+            else:
+                mlp = block.act_mlp(block.proj_mlp(normed))
+                text = stream + gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2))
+            if text.dtype == torch.float16:
+                text = text.clip(-65504, 65504)
+            return text
+
+        return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish)
 
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer_2, 0, None)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import layouts
 from ..intercept import CallPlan, Tokens
-from .base import Adapter, TextSegment, n_tokens
+from .base import Adapter, TextPass, TextSegment, n_tokens
 
 
 class SD3Adapter(Adapter):
@@ -60,6 +60,7 @@ class SD3Adapter(Adapter):
         return transformer
 
     text_stream = True
+    text_positionless = True  # position embeddings only on the image patches
 
     def encode_text(self, pipe, prompts, text_len, device, dtype):
         # [CLIP-L ++ CLIP-G (77 tokens); T5 (text_len - 77 tokens)], by the pipeline's own encoders (the class's
@@ -72,6 +73,48 @@ class SD3Adapter(Adapter):
 
     def embed_text(self, denoiser, text):
         return denoiser.context_embedder(text)
+
+    def text_pass(self, block, stream, inputs):
+        """``JointTransformerBlock``'s text side (SD3.5's dual blocks too: their ``attn2`` reads only the image
+        stream) under the stock ``JointAttnProcessor2_0``: ``norm1_context`` modulated by the block's ``temb``,
+        the joint module's ``add_q/k/v_proj`` and ``norm_added_q/k``; after attention its ``to_add_out``, the
+        gated residual, ``norm2_context`` and ``ff_context``. The last block (``context_pre_only``) has no text
+        output."""
+        from diffusers.models.attention import JointTransformerBlock, _chunked_feed_forward
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        attn = getattr(block, "attn", None)
+        if type(block) is not JointTransformerBlock or type(attn.processor) is not JointAttnProcessor2_0:
+            return None
+        temb = inputs["temb"]
+        if block.context_pre_only:
+            normed = block.norm1_context(stream, temb)
+        else:
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=temb)
+        batch, n_heads = stream.shape[0], attn.heads
+
+        def heads(x):
+            return x.view(batch, -1, n_heads, x.shape[-1] // n_heads).transpose(1, 2)
+
+        q, k, v = (heads(f(normed)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            q = attn.norm_added_q(q)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)
+        if block.context_pre_only:
+            return TextPass(q, k, v, None)
+
+        def finish(out):
+            out = attn.to_add_out(out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(q.dtype))
+            text = stream + gate_msa.unsqueeze(1) * out
+            normed = block.norm2_context(text) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            if block._chunk_size is not None:
+                ff = _chunked_feed_forward(block.ff_context, normed, block._chunk_dim, block._chunk_size)
+            else:
+                ff = block.ff_context(normed)
+            return text + gate_mlp.unsqueeze(1) * ff
+
+        return TextPass(q, k, v, finish)
 
     def text_segments(self, pipe):
         # prompt_embeds = [CLIP-L ++ CLIP-G (channel-concatenated, 77 tokens); T5 tokens]

@@ -49,6 +49,7 @@ SETTINGS: dict[str, str] = {
     "cfg+excite": "attnctl.bench.excite:cfg_excite",
     "diffusers-excite": "attnctl.bench.excite:diffusers_excite",
     "nag": "attnctl.bench.nag:nag",
+    "nag[whole-block]": "attnctl.bench.nag:nag_whole_block",
 }
 
 PROMPT = "a red circle and a blue square"

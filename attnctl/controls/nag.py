@@ -20,12 +20,26 @@ Where the negative text comes from:
 - UNet cross-attention (SD1.x/2.x, SDXL) reads the same text embeddings in every layer, so the negative
   prompt's keys/values are the layer's own projections of its embeddings (one small extra attention per layer).
 - MM-DiT (SD3/3.5 joint attention, FLUX double- and single-stream blocks) updates the text tokens block by
-  block, so the negative prompt's tokens run as a second text stream beside the first: before each block, the
-  block runs once more with the negative stream and the (shared) image stream on the guided rows; its image
-  queries' attention output is Z-, its text output is the negative stream for the next block, and its image
-  output is discarded (as the official code does, where the negative rows' image tokens are overwritten). That
-  pass stops after the last block that holds a selected layer. Difference from the official FLUX code: the
-  negative stream is modulated by the call's own pooled text embedding, not the negative prompt's.
+  block, so the negative prompt's tokens run as a second text stream beside the first, on the guided rows, as
+  if each block ran on [negative stream; the call's own image stream] with its image output discarded (as
+  the official code does, where the negative rows' image tokens are overwritten). Only the text side of that
+  is computed (``Adapter.text_pass``): every step of a block but attention is per token, and the image tokens'
+  keys and values are the call's own, so before each block the negative text's queries/keys/values come from
+  the block's own modules (its text modulation, projections, norms, rotary embedding), and in the block's
+  attention call the negative keys/values replace the text span: the image queries' output is Z-, the text
+  queries' output goes through the block's text output path (``to_add_out``, gated residual, text MLP; a
+  single-stream block's shared MLP and ``proj_out`` on the text tokens only) to give the stream for the next
+  block. On CPU the guided rows' attention is computed here, once for Z+ and Z-: the image queries' scores
+  over the image keys (the largest part) are shared, each output merged from the image-key and text-key parts
+  by their log-sum-exp. The stream advances up to the last block holding a selected layer (that block's text
+  output is never read). Where text tokens carry no position inside the blocks (SD3: ``text_positionless``),
+  identical negative-text tokens stay identical, so the stream carries one of each, counted as keys as often
+  as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the adapter cannot
+  split (another block class, a processor it does not know, fused projections) runs whole once more instead
+  (``text_only = False``: every block, the reference).
+  Differences from the official code: the negative stream is modulated by the call's own pooled text
+  embedding, not the negative prompt's (FLUX); the official code runs FLUX's single-stream blocks on whole
+  [negative text; image] rows and carries the stream through every block.
 
 Only the conditional rows are guided (the prompt's own; with CFG the unconditional rows stay as they are, and
 rows of extra branches such as PAG's perturbed ones are left alone). The negative prompt is encoded once per
@@ -36,7 +50,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +80,71 @@ def normalized_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: f
     factor = torch.where(ratio > tau, tau / ratio, torch.ones_like(ratio))
     factor = torch.where(norm_pos > 0, factor, torch.ones_like(ratio))
     return alpha * (guided * factor) + (1 - alpha) * positive
+
+
+def _negative_keys(k: torch.Tensor, v: torch.Tensor, split, text: slice, log_counts: torch.Tensor | None):
+    """Keys and values (B, H, S', D) of a call with the negative text's (``split``) in place of its text span,
+    that span in them, and the additive key bias (S',) where the negative text's tokens stand for several
+    identical ones (``log_counts``; None: one each)."""
+    k = torch.cat([k[:, :, : text.start], split.k.to(k.dtype), k[:, :, text.stop:]], dim=2)
+    v = torch.cat([v[:, :, : text.start], split.v.to(v.dtype), v[:, :, text.stop:]], dim=2)
+    span = slice(text.start, text.start + split.k.shape[2])
+    if log_counts is None:
+        return k, v, span, None
+    bias = torch.zeros(k.shape[2], dtype=k.dtype, device=k.device)
+    bias[span] = log_counts.to(k.dtype)
+    return k, v, span, bias
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(D) + bias) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq); ``bias``
+    (Sk,) per key or None. PyTorch's CPU flash kernel, which returns both (no bias, a CPU tensor of a dtype it
+    takes), else in chunks of 1024 queries."""
+    if bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                               torch.float16):
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+            return out, lse
+        except (RuntimeError, AttributeError):  # a torch without the kernel
+            pass
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    outs, lses = [], []
+    for start in range(0, q.shape[2], 1024):
+        scores = (q[:, :, start:start + 1024].to(dtype) @ k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if bias is not None:
+            scores = scores + bias.to(dtype)
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse[..., None]) @ v.to(dtype)).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _identical_tokens(stream: torch.Tensor):
+    """Where the negative stream (B, S, C) holds identical tokens (in every row; e.g. SD3's 256 T5 tokens, all
+    zeros, in a pipeline without T5): (one token per group (U,), in order; each token's group (S,); log of
+    each group's size (U,)), else None. In blocks without text positions identical tokens stay identical (their
+    every step is the same), so the stream carries one of each, and as keys each counts as many times as it
+    stands for (+log count on its scores: the same softmax)."""
+    flat = stream.transpose(0, 1).reshape(stream.shape[1], -1)
+    _, group, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
+    if len(counts) == stream.shape[1]:
+        return None
+    positions = torch.arange(stream.shape[1], device=stream.device)
+    first = torch.full((len(counts),), stream.shape[1], device=stream.device).scatter_reduce(0, group, positions,
+                                                                                              "amin")
+    order = torch.argsort(first)  # groups in the order of their first token
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return first[order], rank[group], counts[order].to(stream.dtype).log()
+
+
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The attention output over keys A and B together from each part's (output, log-sum-exp)."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (weight_a * out_a.to(weight_a.dtype) + weight_b * out_b.to(weight_b.dtype)).to(out_a.dtype)
 
 
 class NagOptions(StrictOptions):
@@ -119,6 +198,10 @@ class Nag(Control):
         opts = self.options
         return opts.scale > 0 and opts.window.stop > opts.window.start
 
+    # False: the negative stream runs through whole blocks (image tokens included), the reference the text-only
+    # pass (``Adapter.text_pass``) is tested against; blocks the adapter cannot split always run whole.
+    text_only: ClassVar[bool] = True
+
     def bind(self, session):
         self._session = session
         self._hooked_blocks = False
@@ -127,7 +210,24 @@ class Nag(Control):
             return {}
         sites = select(session.sites, self.options.layers, kinds=TEXT_KINDS)
         self._modules = {site.name: module for site, module in session.site_modules if site.name in sites}
-        return sites
+        self._guided = set(sites)
+        self._blocks: list[tuple[str, torch.nn.Module, str | None]] = []  # (block, module, its text site)
+        if not session.adapter.text_stream:
+            return sites
+        # MM-DiT: the blocks that carry text, up to the last one holding a selected layer; their text sites are
+        # hooked too (unguided ones only advance the negative stream, with the call's own image keys/values).
+        text_sites = [site.name for site in session.sites if site.kind in TEXT_KINDS]
+        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
+                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
+
+        def site_in(name):
+            inside = [s for s in text_sites if s.startswith(name + ".")]
+            return inside[0] if len(inside) == 1 else None
+
+        last = max(i for i, (name, _) in enumerate(blocks) if any(s.startswith(name + ".") for s in sites))
+        self._blocks = [(name, module, site_in(name)) for name, module in blocks[: last + 1]]
+        stream_sites = {site: None for _, _, site in self._blocks if site is not None and site not in sites}
+        return {**sites, **stream_sites}
 
     # -- per pipeline call ---------------------------------------------------------------------------------
     def on_call_start(self, session):
@@ -135,7 +235,12 @@ class Nag(Control):
         self._captured: dict[str, torch.Tensor] = {}
         self._capturing = False
         self._stream: torch.Tensor | None = None
+        self._share: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _identical_tokens
+        self._passes: dict[str, tuple] = {}  # site -> (TextPass, whether the stream advances) for its block
         self._calls = 0
+        self.block_passes = {"text": 0, "block": 0}  # negative-stream passes: text side only / whole block
+        self.attention_pairs = 0  # query-key pairs the negative text's attentions add (text-only passes)
+        self.shared_calls = 0  # guided calls whose image keys' scores Z+ and Z- shared
         if not self.active:
             return
         negatives = self.options.negative_prompt
@@ -149,7 +254,11 @@ class Nag(Control):
     def on_call_end(self, session):
         if not self._calls:
             return {}
-        return {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
+        record = {"layer_calls": self._calls, "negative_prompt": self.options.negative_prompt}
+        if any(self.block_passes.values()):
+            record["negative_stream"] = dict(self.block_passes, attention_pairs=self.attention_pairs,
+                                             shared_calls=self.shared_calls)
+        return record
 
     def _negative_of(self, session, sample: int) -> str:
         negatives = self.options.negative_prompt
@@ -176,22 +285,23 @@ class Nag(Control):
     # -- MM-DiT: the negative text stream ----------------------------------------------------------------------
     def _hook_blocks(self, session) -> None:
         """A pre-hook on every block that carries text, up to the last one holding a selected layer."""
-        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
-                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
-        hooked = set(self._modules)
-        last = max(i for i, (name, _) in enumerate(blocks)
-                   if any(site == name or site.startswith(name + ".") for site in hooked))
-        for index, (_, module) in enumerate(blocks[: last + 1]):
+        last = len(self._blocks) - 1
+        for index, (_, module, site) in enumerate(self._blocks):
             signature = inspect.signature(module.forward)
 
-            def negative_pass(module, args, kwargs, index=index, signature=signature):
-                self._negative_pass(session, module, index, signature, args, kwargs)
+            def negative_pass(module, args, kwargs, index=index, site=site, signature=signature):
+                self._negative_pass(session, module, index, index == last, site, signature, args, kwargs)
 
             handle = module.register_forward_pre_hook(negative_pass, with_kwargs=True)
             session.on_exit(handle.remove)
         self._hooked_blocks = True
 
-    def _negative_pass(self, session, module, index: int, signature, args, kwargs) -> None:
+    def _negative_pass(self, session, module, index: int, is_last: bool, site: str | None, signature, args,
+                       kwargs) -> None:
+        """Before block ``index``: the negative stream's side of it on the guided rows. Where the adapter splits
+        the block (``text_pass``), only the negative text's queries/keys/values here; its attention and the
+        stream's update happen in the block's own attention call (``_text_attention``) with that call's image
+        keys/values. Otherwise the whole block runs once more on [negative stream; image stream]."""
         frame = session.frame
         if frame is None or not self.options.window.contains(frame.step.progress):
             return
@@ -202,10 +312,16 @@ class Nag(Control):
         arguments = dict(bound.arguments)
         text = arguments["encoder_hidden_states"]
         if index == 0:
+            self._passes.clear()
             positive = frame.params[session.adapter.text_arg]
             samples = tuple(frame.layout.samples[r] for r in cond)
             self._stream = session.adapter.embed_text(session.denoiser,
                                                       self._negative_embeds(session, samples, positive))
+            self._share = None
+            if self.text_only and session.adapter.text_positionless:
+                self._share = _identical_tokens(self._stream)
+                if self._share is not None:
+                    self._stream = self._stream[:, self._share[0]]
         if self._stream is None or text is None:
             return
         skip = session.adapter.block_unbatched_args
@@ -214,7 +330,15 @@ class Nag(Control):
                 continue
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == len(frame.layout):
                 arguments[name] = value[cond]
-        arguments["encoder_hidden_states"] = self._stream
+        if self.text_only and site is not None:
+            split = session.adapter.text_pass(module, self._stream, arguments)
+            if split is not None:
+                self._passes[site] = (split, not is_last)
+                self.block_passes["text"] += 1
+                return
+        self.block_passes["block"] += 1
+        share = self._share
+        arguments["encoder_hidden_states"] = self._stream if share is None else self._stream[:, share[1]]
         narrow = replace(frame, layout=BatchLayout(("cond",) * len(cond), tuple(frame.layout.samples[r] for r in cond),
                                                     frame.layout.kind))
         hooks = session.hooks
@@ -226,6 +350,60 @@ class Nag(Control):
         finally:
             session.frame, session.hooks, self._capturing = frame, hooks, False
         self._stream = out[0] if isinstance(out, tuple) else None
+        if share is not None and self._stream is not None:
+            self._stream = self._stream[:, share[0]]
+
+    def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool):
+        """The negative text's side of an attention call, on its own: keys/values are the call's own on the guided
+        rows with the text span holding the negative text's; returns (Z-: the image queries' output where
+        ``guided``, the text queries' output where ``advance``). One attention over the queries needed."""
+        text, image = call.text, call.image
+        rows = torch.as_tensor(cond, device=call.q.device)
+        k, v, span, bias = _negative_keys(call.k[rows], call.v[rows], split, text, self._log_counts)
+        mask = bias[None, None, None, :] if bias is not None else None
+        negative = negative_text = None
+        if guided and advance and bias is None:  # one call: the call's own query layout, its text span replaced
+            q = torch.cat([call.q[rows][:, :, : text.start], split.q.to(k.dtype), call.q[rows][:, :, text.stop:]], 2)
+            out = F.scaled_dot_product_attention(q, k, v)
+            self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
+            return out[:, :, image], out[:, :, span]
+        if guided:
+            q = call.q[rows][:, :, image]
+            negative = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
+        if advance:
+            negative_text = F.scaled_dot_product_attention(split.q.to(k.dtype), k, v, attn_mask=mask)
+            self.attention_pairs += split.q.shape[0] * split.q.shape[2] * k.shape[2]
+        return negative, negative_text
+
+    def _shared_attention(self, q, k, v, split, text: slice, image: slice, advance: bool, shared: dict):
+        """The guided rows' attention (``AttentionCall.take_rows``) together with the negative text's: the image
+        queries' scores over the image keys, the largest part, are computed once for Z+ and Z- (each softmax
+        over [image; text] keys is that part's output and log-sum-exp merged with the text keys' part: the same
+        softmax, rounded differently). The text queries (the prompt's, and the negative text's where
+        ``advance``) attend in one batched call. Puts Z- and the negative text's output in ``shared``."""
+        n = q.shape[0]
+        k_neg, v_neg, span, bias = _negative_keys(k, v, split, text, self._log_counts)
+        q_image = q[:, :, image]
+        own = _attention_lse(q_image, k[:, :, image], v[:, :, image])
+        z_plus = _merge(own, _attention_lse(q_image, k[:, :, text], v[:, :, text]))
+        shared["image"] = _merge(own, _attention_lse(q_image, split.k.to(k.dtype), split.v.to(v.dtype),
+                                                     self._log_counts))
+        out = q.new_empty(q.shape[:3] + v.shape[3:])
+        out[:, :, image] = z_plus.to(out.dtype)
+        if advance and bias is not None:  # the negative keys are fewer: a call of their own
+            out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
+            shared["text"] = F.scaled_dot_product_attention(split.q.to(q.dtype), k_neg, v_neg,
+                                                            attn_mask=bias[None, None, None, :])
+        elif advance:
+            both = F.scaled_dot_product_attention(torch.cat([q[:, :, text], split.q.to(q.dtype)]),
+                                                  torch.cat([k, k_neg]), torch.cat([v, v_neg]))
+            out[:, :, text], shared["text"] = both[:n], both[n:]
+        else:
+            out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
+        n_keys, n_image, n_text = k_neg.shape[2], q_image.shape[2], split.k.shape[2]
+        self.attention_pairs += n * (n_image * n_text + (n_text * n_keys if advance else 0))  # beyond Z+'s own
+        return out
 
     # -- per attention call ---------------------------------------------------------------------------------
     def on_attention(self, call):
@@ -235,12 +413,24 @@ class Nag(Control):
         image = call.image
         site = call.site.name
         if self._capturing:
-            call.then(lambda out: self._capture(site, out, image))
+            if site in self._guided:
+                call.then(lambda out: self._capture(site, out, image))
             return
         cond = call.layout.rows("cond")
         if not cond:
             return
-        if call.session.adapter.text_stream:
+        if site in self._passes:
+            split, advance = self._passes.pop(site)
+            text = call.text
+            expected = text.stop - text.start if self._share is None else len(self._share[0])
+            if split.k.shape[2] != expected:
+                raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at {site}, "
+                                   f"expected {expected}")
+            self._text_side(call, split, advance and split.finish is not None, cond, site in self._guided)
+            return
+        elif site not in self._guided:  # advances the stream only; its block ran whole
+            return
+        elif call.session.adapter.text_stream:
             negative = self._captured.pop(site, None)
             if negative is None:
                 raise ControlError(f"control 'nag': no negative-prompt attention was computed for {site} at this "
@@ -254,6 +444,34 @@ class Nag(Control):
             negative = F.scaled_dot_product_attention(call.q[cond], key.to(call.q.dtype), value.to(call.q.dtype))
         self._calls += 1
         call.then(lambda out: self._guide(out, negative, cond, image))
+
+    @property
+    def _log_counts(self) -> torch.Tensor | None:
+        return None if self._share is None else self._share[2]
+
+    def _text_side(self, call, split, advance: bool, cond: list[int], guided: bool) -> None:
+        """Where the block was split: the negative text's attention in this call, the stream's update (``advance``)
+        and, at a guided site, the guidance. On CPU, at a guided site whose [image; text] keys are all the call
+        has, the guided rows' attention is computed here (``take_rows``) sharing the image keys' part with Z-."""
+        text, image = call.text, call.image
+        shared: dict[str, torch.Tensor] = {}
+        whole = (text.stop - text.start) + (image.stop - image.start) == call.q.shape[2] == call.k.shape[2]
+        if guided and whole and call.q.device.type == "cpu":
+            call.take_rows(cond, lambda q, k, v: self._shared_attention(q, k, v, split, text, image, advance, shared))
+        if guided:
+            self._calls += 1
+
+        def after(out):
+            if shared:
+                negative, negative_text = shared["image"], shared.get("text")
+                self.shared_calls += 1
+            else:  # the backend computed the guided rows (another control changed them, or not on CPU)
+                negative, negative_text = self._text_attention(call, split, advance, cond, guided)
+            if advance:
+                self._stream = split.finish(negative_text)
+            return self._guide(out, negative, cond, image) if guided else out
+
+        call.then(after)
 
     def _capture(self, site: str, out: torch.Tensor, image: slice) -> torch.Tensor:
         self._captured[site] = out[:, :, image]

@@ -45,6 +45,7 @@ class AttentionCall:
         self.heads: tuple[int, ...] | None = None
         self._captures: list[tuple[torch.Tensor, Any]] = []
         self._then: list[Any] = []
+        self._taken: tuple[list[int], Any] | None = None
 
     @property
     def layout(self) -> BatchLayout:
@@ -96,11 +97,37 @@ class AttentionCall:
         """Call ``fn(out) -> out`` on the attention output (B, H, Sq, D)."""
         self._then.append(fn)
 
+    def take_rows(self, rows: list[int], fn) -> None:
+        """Let ``fn(q, k, v) -> out`` compute the plain attention of batch rows ``rows`` (their q/k/v as edited,
+        (n, H, S, D)) in place of the backend, e.g. to share its work with an extra attention of the same keys.
+        Honoured only where nothing else changes those rows' attention (no bias, no perturbation on them, no
+        capture) and one control asks; otherwise the backend computes every row and ``fn`` is not called."""
+        self._taken = (list(rows), fn) if self._taken is None else ([], None)
+
+    def _compute_taken(self) -> torch.Tensor | None:
+        rows, fn = self._taken if self._taken is not None else ([], None)
+        if fn is None or not rows or self.bias is not None or self._captures:
+            return None
+        if self.u is not None and bool((self.u[rows] != 0).any()):
+            return None
+        others = [r for r in range(self.q.shape[0]) if r not in set(rows)]
+        taken = fn(self.q[rows], self.k[rows], self.v[rows])
+        if not others:
+            return taken
+        rest = attend(AttentionRequest(self.q[others], self.k[others], self.v[others],
+                                       u=self.u[others] if self.u is not None else None, mode=self.mode,
+                                       text=self.text), backend=self.session.backend)
+        out = rest.new_empty(self.q.shape[:3] + rest.shape[3:])
+        out[rows], out[others] = taken.to(rest.dtype), rest
+        return out
+
     def compute(self) -> torch.Tensor:
         for positions, fn in self._captures:
             fn(key_probabilities(self.q, self.k, positions, bias=self.bias))
-        out = attend(AttentionRequest(self.q, self.k, self.v, bias=self.bias, u=self.u, mode=self.mode,
-                                      text=self.text), backend=self.session.backend)
+        out = self._compute_taken()
+        if out is None:
+            out = attend(AttentionRequest(self.q, self.k, self.v, bias=self.bias, u=self.u, mode=self.mode,
+                                          text=self.text), backend=self.session.backend)
         for fn in self._then:
             out = fn(out)
         return out
