@@ -386,7 +386,7 @@ def test_combines_with_pag(family):
     assert session.last_run()["controls"]["nag"]["layer_calls"] > 0
 
 
-@pytest.mark.parametrize("family", ["flux2", "chroma", "qwenimage"])
+@pytest.mark.parametrize("family", ["flux2", "chroma", "qwenimage", "zimage"])
 def test_a_family_without_a_second_text_stream_is_refused_with_the_reason(family):
     pipe = tiny_pipeline(family)
     with pytest.raises(ControlError, match=f"does not support the {family} family.*negative"):

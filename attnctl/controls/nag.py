@@ -190,7 +190,7 @@ class Nag(Control):
     family_notes = {
         family: "a second (negative) text must be encoded by the family's own text encoders and carried through "
                 "its text stream, which attnctl's adapter does not do yet for this family"
-        for family in ("flux2", "chroma", "qwenimage")
+        for family in ("flux2", "chroma", "qwenimage", "zimage")
     }
 
     @property
