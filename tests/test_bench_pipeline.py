@@ -62,7 +62,7 @@ def test_cli_families_qwenimage_without_settings_plans_and_notes(monkeypatch, ca
 
     monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
     assert main(["bench", "pipeline", "--families", "qwenimage", "--quick", "--repeats", "1"]) == 0
-    expected = [n for n in pipeline.SETTINGS if n not in ("diffusers-excite", "nag")]
+    expected = [n for n in pipeline.SETTINGS if n not in ("diffusers-excite", "nag", "nag[whole-block]")]
     assert started == [("qwenimage", [n], True) for n in expected]
     out, err = capsys.readouterr()
     assert "skipping diffusers-excite: it runs on sd15 only" in err

@@ -176,7 +176,11 @@ def test_pag_scale_zero_is_plain_and_pag_folds_into_both_cfg_rows(pipe):
     both rows passes through unchanged for any w (checked against the same PAG with w = 0, Turbo's no-CFG call)."""
     plain = pipe(prompts(), **kwargs(steps=2)).images
     with apply(pipe, Perturb(layers=[MAIN], scale=0.0)):
-        assert torch.equal(pipe(prompts(), **kwargs(steps=2)).images, plain)
+        # Bit for bit when run alone; 1e-5 because the controlled site's attention goes through attnctl's SDPA
+        # call, and torch picks its CPU SDPA kernel path from process state that another pipeline run with
+        # diffusers' `_native_math` backend earlier in the process changes (measured 2.6e-6 after
+        # tests/test_engine_v2.py's backend test; nothing of attnctl's is left installed).
+        torch.testing.assert_close(pipe(prompts(), **kwargs(steps=2)).images, plain, atol=1e-5, rtol=0)
     with apply(pipe, Perturb(layers=[MAIN], scale=3.0)):
         guided = pipe(prompts(), **kwargs(steps=2)).images
     assert (guided - plain).abs().max() > 1e-3
