@@ -85,20 +85,22 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         ("a purple triangle and a blue square", "circle"),  # 0.62
         ("a purple triangle, a orange circle and a blue star", "red"),  # 0.38
     ),
-    # python -m attnctl.evals.negative --model shapes-dit (benchmarks/negative-calibration-shapes-dit.json)
+    # python -m attnctl.evals.negative --model shapes-dit (benchmarks/negative-calibration-shapes-dit.json), on
+    # shapes-dit version 2 (2026-12-03; version 1's list was recalibrated when the model changed)
     "shapes-dit": (
-        ("", "green"),  # 0.38
-        ("", "blue"),  # 0.38
-        ("", "circle"),  # 0.44
-        ("a yellow square and a green circle", "star"),  # 0.56
-        ("a orange circle and a green triangle", "yellow"),  # 0.50
-        ("a orange circle and a green triangle", "star"),  # 0.62
-        ("a yellow triangle and a green square", "circle"),  # 0.44
-        ("a purple triangle and a blue square", "circle"),  # 0.50
-        ("a purple triangle and a blue square", "star"),  # 0.50
-        ("a blue star, a red square and a yellow circle", "purple"),  # 0.50
+        ("", "green"),  # 0.44
+        ("", "blue"),  # 0.56
+        ("", "circle"),  # 0.38
+        ("a yellow square and a green circle", "star"),  # 0.50
+        ("a orange circle and a green triangle", "yellow"),  # 0.38
+        ("a yellow triangle and a green square", "circle"),  # 0.62
+        ("a yellow triangle and a green square", "star"),  # 0.62
+        ("a purple triangle and a blue square", "circle"),  # 0.62
+        ("a purple triangle and a blue square", "star"),  # 0.44
+        ("a blue circle and a orange triangle", "star"),  # 0.50
+        ("a blue star, a red square and a yellow circle", "purple"),  # 0.38
         ("a blue star, a red square and a yellow circle", "orange"),  # 0.44
-        ("a blue star, a red square and a yellow circle", "triangle"),  # 0.38
+        ("a blue star, a red square and a yellow circle", "triangle"),  # 0.56
         ("a purple triangle, a orange circle and a blue star", "red"),  # 0.44
     ),
 }
