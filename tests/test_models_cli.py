@@ -62,6 +62,16 @@ def test_bench_overhead_smoke(tmp_path):
     assert rows[1]["size"] == "64x64" and rows[1]["calls_per_step"] > 0  # the embedded model, as users run it
 
 
+def test_bench_overhead_runs_on_the_newer_families(tmp_path):
+    """FLUX.2 [klein]'s first argument is `image`: the benchmark passes the prompt by keyword on every family."""
+    out = tmp_path / "overhead.json"
+    families = ["flux2", "chroma", "qwenimage", "zimage"]
+    assert main(["bench", "overhead", "--quick", "--repeats", "1", "--families", ",".join(families),
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["family"] for r in rows] == families and all(r["calls_per_step"] > 0 for r in rows)
+
+
 def test_bench_unknown_family_is_a_clear_error(capsys):
     assert main(["bench", "overhead", "--families", "shape"]) == 2
     err = capsys.readouterr().err
