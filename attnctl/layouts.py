@@ -191,3 +191,27 @@ def layout_for(kind: str, call: DenoiserCall, allowed: tuple[str, ...]) -> Batch
         raise LayoutError(f"{call.describe()}: layout {kind!r} is not one this pipeline family makes "
                           f"(allowed: {', '.join(allowed)})")
     return LAYOUTS[kind](call)
+
+
+def true_cfg_kind(call: DenoiserCall) -> str:
+    """The kind of a call of a pipeline that runs CFG as a second call at the same step (FLUX's and Qwen-Image's
+    true CFG): a diffusers guider's prediction where a guider prepared the call; else the pipeline's
+    ``transformer.cache_context("cond" | "uncond")``; else the call's text embeddings, the prompt's (the first
+    ``encode_prompt`` result of the pipeline call) being cond and the negative prompt's (the second) uncond.
+    Anything else is a ``LayoutError``."""
+    if call.guider is not None:
+        return guider_kind(call)
+    if not call.in_pipeline:
+        return OUTSIDE
+    by_context = {"cond": COND_BATCH, "uncond": UNCOND_CALL}
+    if call.context is not None:
+        if call.context not in by_context:
+            raise LayoutError(f"{call.describe()} in cache_context {call.context!r}: allowed contexts are "
+                              "'cond' and 'uncond'")
+        return by_context[call.context]
+    by_source = {0: COND_BATCH, 1: UNCOND_CALL}
+    if call.text_source not in by_source:
+        raise LayoutError(f"{call.describe()}: its encoder_hidden_states are neither the prompt's nor the "
+                          "negative prompt's embeddings from this pipeline call's encode_prompt, and no "
+                          "cache_context names it; expected a cond call or a true-CFG uncond call")
+    return by_source[call.text_source]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .. import layouts
-from ..errors import LayoutError
 from ..intercept import CallPlan, Tokens
 from .base import Adapter, TextPass, TextSegment, n_tokens
 
@@ -60,22 +59,7 @@ class FluxAdapter(Adapter):
         without it (img2img, inpaint, Kontext, ControlNet) pass the negative prompt's embeddings, which came
         from their second ``encode_prompt`` call (``text_source`` 1), to the uncond call. A call that is neither
         is a ``LayoutError``."""
-        if call.guider is not None:
-            return layouts.guider_kind(call)
-        if not call.in_pipeline:
-            return layouts.OUTSIDE
-        by_context = {"cond": layouts.COND_BATCH, "uncond": layouts.UNCOND_CALL}
-        if call.context is not None:
-            if call.context not in by_context:
-                raise LayoutError(f"{call.describe()} in cache_context {call.context!r}: allowed contexts are "
-                                  "'cond' and 'uncond'")
-            return by_context[call.context]
-        by_source = {0: layouts.COND_BATCH, 1: layouts.UNCOND_CALL}
-        if call.text_source not in by_source:
-            raise LayoutError(f"{call.describe()}: its encoder_hidden_states are neither the prompt's nor the "
-                              "negative prompt's embeddings from this pipeline call's encode_prompt, and no "
-                              "cache_context names it; expected a cond call or a true-CFG uncond call")
-        return by_source[call.text_source]
+        return layouts.true_cfg_kind(call)
 
     text_stream = True
 

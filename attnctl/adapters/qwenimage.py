@@ -23,7 +23,7 @@ from __future__ import annotations
 from math import prod
 
 from .. import layouts
-from ..errors import LayoutError, ModelError
+from ..errors import ModelError
 from ..intercept import Tokens
 from .base import Adapter, TextSegment, n_tokens
 
@@ -79,23 +79,11 @@ class QwenImageAdapter(Adapter):
         return [(height, width) for _, height, width in self._grids(params)[1:]]
 
     def call_kind(self, call):
-        """Qwen-Image pipelines name their calls with ``transformer.cache_context("cond" | "uncond")``. A call
+        """Qwen-Image pipelines name their calls with ``transformer.cache_context("cond" | "uncond")`` (a modular
+        pipeline's guider names its own). A call
         inside a pipeline call without one is matched by its text embeddings: the first ``encode_prompt`` result
         (the prompt) is cond, the second (the negative prompt) uncond. Anything else is a ``LayoutError``."""
-        if not call.in_pipeline:
-            return layouts.OUTSIDE
-        by_context = {"cond": layouts.COND_BATCH, "uncond": layouts.UNCOND_CALL}
-        if call.context is not None:
-            if call.context not in by_context:
-                raise LayoutError(f"{call.describe()} in cache_context {call.context!r}: allowed contexts are "
-                                  "'cond' and 'uncond'")
-            return by_context[call.context]
-        by_source = {0: layouts.COND_BATCH, 1: layouts.UNCOND_CALL}
-        if call.text_source not in by_source:
-            raise LayoutError(f"{call.describe()}: no cache_context names it and its encoder_hidden_states are "
-                              "neither the prompt's nor the negative prompt's embeddings from this pipeline call; "
-                              "expected a cond call or a true-CFG uncond call")
-        return by_source[call.text_source]
+        return layouts.true_cfg_kind(call)
 
     def text_segments(self, pipe):
         """The text span holds the Qwen2.5-VL encoding of the prompt template with its system prefix dropped
