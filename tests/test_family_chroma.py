@@ -12,6 +12,7 @@ from attnctl.engine import Session, apply
 from attnctl.errors import AttnctlError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
 
+from excite_checks import check_excite_raises_the_weakest_subject
 from test_family_flux2 import Probe
 
 PROMPT = "a red circle and a blue square"
@@ -135,18 +136,7 @@ def test_selector_naming_a_block_chroma_lacks(pipe):
 def test_excite_raises_the_weakest_subject(pipe):
     """The weakest subject's max image->text attention after refinement at step 0 and an update at step 1,
     against the same run with a negligible step size (CFG's uncond call is left alone)."""
-    from attnctl.controls.excite import Excite
-
-    weakest, losses = {}, {}
-    for scale in (1e-6, 20.0):
-        control = Excite(subjects=[["circle", "square"]], thresholds={0: 0.99}, max_refinement_steps=5,
-                         scale_factor=scale, layers=[SINGLE], window={"start": 0.0, "stop": 0.5})
-        with apply(pipe, control) as session:
-            pipe(prompt=PROMPT, **kwargs(steps=3))
-        image = session.last_run()["controls"]["excite"]["images"][0]
-        weakest[scale], losses[scale] = min(image["max_attention"].values()), image["loss"]
-    assert weakest[20.0] > weakest[1e-6] + 0.1
-    assert all(strong < weak for strong, weak in zip(losses[20.0], losses[1e-6]))
+    check_excite_raises_the_weakest_subject(pipe, PROMPT, SINGLE, lambda: kwargs(steps=3))
 
 
 def test_edit_word_swap_keeps_the_source_and_changes_the_target(pipe):

@@ -13,13 +13,14 @@ from PIL import Image
 import attnctl
 from attnctl.controls.base import Control
 from attnctl.controls.edit import Edit
-from attnctl.controls.excite import Excite
 from attnctl.controls.maps import Maps
 from attnctl.controls.perturb import Perturb
 from attnctl.controls.regions import Regions
 from attnctl.engine import apply
 from attnctl.errors import AttnctlError, ControlError, ModelError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
+
+from excite_checks import check_excite_raises_the_weakest_subject
 
 PROMPT = "a red circle and a blue square"
 JOINT = "transformer_blocks.0.attn"
@@ -297,16 +298,7 @@ def test_reference_grids_of_a_call(pipe):
 def test_excite_raises_the_weakest_subject(pipe):
     """The weakest subject's max image->text attention (A&E's loss is 1 minus it), after iterative refinement
     at step 0 and an update at step 1, against the same run with a negligible step size."""
-    weakest, losses = {}, {}
-    for scale in (1e-6, 20.0):
-        control = Excite(subjects=[["circle", "square"]], thresholds={0: 0.99}, max_refinement_steps=5,
-                         scale_factor=scale, layers=[SINGLE], window={"start": 0.0, "stop": 0.5})
-        with apply(pipe, control) as session:
-            pipe(prompt=PROMPT, **kwargs(steps=3))
-        image = session.last_run()["controls"]["excite"]["images"][0]
-        weakest[scale], losses[scale] = min(image["max_attention"].values()), image["loss"]
-    assert weakest[20.0] > weakest[1e-6] + 0.1
-    assert all(strong < weak for strong, weak in zip(losses[20.0], losses[1e-6]))
+    check_excite_raises_the_weakest_subject(pipe, PROMPT, SINGLE, lambda: kwargs(steps=3))
 
 
 def test_maps_are_the_image_queries_softmax_column(pipe):
