@@ -265,14 +265,8 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
     if steps < 1:
         raise ControlError(f"inversion steps must be >= 1, got {steps}")
     adapter = adapter_for(pipe)
-    unsupported = getattr(adapter, "inversion_unsupported", "")
-    if unsupported:  # the adapter says why this family's latents cannot be inverted here
-        raise ControlError(f"inversion does not support the {adapter.family} family: {unsupported}")
-    if getattr(pipe.vae.config, "scaling_factor", None) is None:  # e.g. Qwen-Image's per-channel mean/std VAE
-        raise ControlError(f"inversion does not support the {adapter.family} family yet: its VAE "
-                           f"({type(pipe.vae).__name__}) normalises latents per channel, not by one scaling_factor, "
-                           "and attnctl cannot encode a real image into its latent space; edit generated images "
-                           "(an edit without `image:`) instead")
+    if adapter.inversion_unsupported:  # the adapter says why this family's latents cannot be inverted here
+        raise ControlError(f"inversion does not support the {adapter.family} family: {adapter.inversion_unsupported}")
     default_h, default_w = native_size(pipe)
     height, width = height or default_h, width or default_w
     multiple = int(getattr(pipe, "vae_scale_factor", 8)) * (2 if hasattr(pipe, "_pack_latents") else 1)

@@ -189,7 +189,7 @@ def _check_family(cls, options, family: str, model: str, field: str) -> None:
     if cls.name == "edit" and image is not None:
         from .adapters import ADAPTERS
 
-        why = getattr(ADAPTERS[family], "inversion_unsupported", "")
+        why = ADAPTERS[family].inversion_unsupported
         if why:
             raise ValueError(f"{field}.image = {image!r}: inverting a real image does not support the {family} "
                              f"family of model {model!r}: {why}")

@@ -112,6 +112,9 @@ class Adapter:
     tail_attrs: tuple[str, ...] = ()
     block_unbatched_args: frozenset[str] = frozenset()
     late_rows_blockers: frozenset[str] = frozenset()
+    # Why ``attnctl.inversion`` cannot encode a real image into this family's latents ("" = it can): said by the
+    # inversion error and by recipe validation of an ``edit`` with ``image:``.
+    inversion_unsupported: str = ""
 
     # -- discovery -------------------------------------------------------------------------------------------
     @classmethod
