@@ -102,7 +102,7 @@ def _negative_inputs(pipe, family, module, options):
 
 def _run(pipe, family, controls, steps=1, **overrides):
     with attnctl.apply(pipe, controls) as session:
-        out = pipe(PROMPT, **tiny_call_kwargs(family, steps=steps, **overrides)).images
+        out = pipe(prompt=PROMPT, **tiny_call_kwargs(family, steps=steps, **overrides)).images
     return out, session
 
 
@@ -186,9 +186,9 @@ def test_sd3_negative_stream_starts_from_the_negative_prompt(path, monkeypatch):
     splits = []
     original = SD3Adapter.text_pass
 
-    def spy(self, module, stream, inputs):
-        split = original(self, module, stream, inputs)
-        splits.append((module, stream, split))
+    def spy(self, module, text, inputs):
+        split = original(self, module, text, inputs)
+        splits.append((module, text.tokens, split))
         return split
 
     monkeypatch.setattr(SD3Adapter, "text_pass", spy)
