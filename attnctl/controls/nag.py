@@ -19,31 +19,46 @@ Where the negative text comes from:
 
 - UNet cross-attention (SD1.x/2.x, SDXL) reads the same text embeddings in every layer, so the negative
   prompt's keys/values are the layer's own projections of its embeddings (one small extra attention per layer).
-- MM-DiT (SD3/3.5 joint attention, FLUX double- and single-stream blocks) updates the text tokens block by
-  block, so the negative prompt's tokens run as a second text stream beside the first, on the guided rows, as
-  if each block ran on [negative stream; the call's own image stream] with its image output discarded (as
-  the official code does, where the negative rows' image tokens are overwritten). Only the text side of that
-  is computed (``Adapter.text_pass``): every step of a block but attention is per token, and the image tokens'
-  keys and values are the call's own, so before each block the negative text's queries/keys/values come from
-  the block's own modules (its text modulation, projections, norms, rotary embedding), and in the block's
-  attention call the negative keys/values replace the text span: the image queries' output is Z-, the text
-  queries' output goes through the block's text output path (``to_add_out``, gated residual, text MLP; a
-  single-stream block's shared MLP and ``proj_out`` on the text tokens only) to give the stream for the next
-  block. On CPU the guided rows' attention is computed here, once for Z+ and Z-: the image queries' scores
-  over the image keys (the largest part) are shared, each output merged from the image-key and text-key parts
-  by their log-sum-exp. The stream advances up to the last block holding a selected layer (that block's text
-  output is never read). Where text tokens carry no position inside the blocks (SD3: ``text_positionless``),
-  identical negative-text tokens stay identical, so the stream carries one of each, counted as keys as often
-  as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the adapter cannot
-  split (another block class, a processor it does not know, fused projections) runs whole once more instead
-  (``text_only = False``: every block, the reference).
-  Differences from the official code: the negative stream is modulated by the call's own pooled text
-  embedding, not the negative prompt's (FLUX); the official code runs FLUX's single-stream blocks on whole
-  [negative text; image] rows and carries the stream through every block.
+- MM-DiT (SD3/3.5 joint attention; FLUX, FLUX.2 and Chroma double- and single-stream blocks; Qwen-Image's
+  double-stream blocks; Z-Image's single-stream main layers) updates the text tokens block by block, so the negative
+  prompt's tokens run as a second text stream beside the first, on the guided rows, as if each block ran on
+  [negative stream; the call's own image stream] with its image output discarded (as the official code does, where
+  the negative rows' image tokens are overwritten). Only the text side of that is computed (``Adapter.text_pass``):
+  every step of a block but attention is per token, and the image tokens' keys and values are the call's own, so
+  before each block the negative text's queries/keys/values come from the block's own modules (its text modulation,
+  projections, norms, rotary embedding), and in the block's attention call the negative keys/values replace the text
+  span: the image queries' output is Z-, the text queries' output goes through the block's text output path
+  (``to_add_out``, gated residual, text MLP; a single-stream block's shared MLP and ``proj_out`` on the text tokens
+  only) to give the stream for the next block. On CPU the guided rows' attention is computed here, once for Z+ and
+  Z-: the image queries' scores over the image keys (the largest part) are shared, each output merged from the
+  image-key and text-key parts by their log-sum-exp. The stream advances up to the last block holding a selected
+  layer (that block's text output is never read). Where text tokens carry no position inside the blocks (SD3:
+  ``text_positionless``), identical negative-text tokens stay identical, so the stream carries one of each, counted
+  as keys as often as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the
+  adapter cannot split (another block class, a processor it does not know, fused projections) runs whole once more
+  instead (``text_only = False``: every block, the reference).
+  The adapter describes the stream (``Adapter.start_text``, ``attnctl.adapters.base.SecondText``) and where it sits
+  in a block's input: beside the image stream (``encoder_hidden_states``), or joined with it where a single-stream
+  block takes [text; image] (FLUX.2, Chroma) or [image; text] (Z-Image), split at the call's own text. The negative
+  text's padding is masked as the pipeline masks a prompt's (Chroma: its own float mask over [text; image], as
+  ChromaPipeline builds one, 1 on the real tokens and the first pad token; Qwen-Image: a key mask; Z-Image: the
+  batch padding between negatives of different lengths). Qwen-Image and Z-Image keep the negative text at its own
+  length (``Adapter.text_own_length``), with its own positions: Qwen-Image's text RoPE for that length beside the
+  call's image grids; Z-Image's caption refiner runs on it (text only, once per denoiser call) and in the main
+  layers its positions are shifted to end where the call's own caption ends, right before the image tokens, so image
+  and negative caption stand as in a call of the negative prompt (exactly so unless the image has padding tokens,
+  whose position is 0). FLUX.2's reference-image tokens are image-side keys, their queries unguided. Qwen-Image-Edit
+  is refused: its text stream holds the input image's vision tokens, which a negative text encoded alone lacks.
+  Differences from the official code: the negative stream is modulated by the call's own pooled text embedding, not
+  the negative prompt's (FLUX; FLUX.2, Chroma, Qwen-Image and Z-Image modulate by the timestep alone); the official
+  code runs FLUX's single-stream blocks on whole [negative text; image] rows and carries the stream through every
+  block.
 
 Only the conditional rows are guided (the prompt's own; with CFG the unconditional rows stay as they are, and
 rows of extra branches such as PAG's perturbed ones are left alone). The negative prompt is encoded once per
-pipeline call by the pipeline's own text encoders (SD3's three, FLUX's two), at the call's text length.
+pipeline call by the pipeline's own text encoders and template, through its ``encode_prompt`` (SD3's three
+encoders, FLUX's two, FLUX.2's Mistral or Qwen3 chat turn, Chroma's T5, Qwen-Image's Qwen2.5-VL template,
+Z-Image's Qwen3 chat turn), at the call's text length (Qwen-Image, Z-Image: at its own).
 """
 
 from __future__ import annotations
@@ -135,8 +150,8 @@ def _shares_image_keys(split, text: slice) -> bool:
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(D) + bias) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq); ``bias``
-    per key, (Sk,) or (B or 1, 1, 1, Sk), or None. PyTorch's CPU flash kernel, which returns both (no bias, a CPU tensor of a dtype it
-    takes), else in chunks of 1024 queries."""
+    per key, (Sk,) or (B or 1, 1, 1, Sk), or None. PyTorch's CPU flash kernel, which returns both (no bias, a
+    CPU tensor of a dtype it takes), else in chunks of 1024 queries."""
     if bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
                                                                torch.float16):
         try:
@@ -222,12 +237,7 @@ class Nag(Control):
 
     name = "nag"
     Options = NagOptions
-    families = ("sd15", "sdxl", "sd3", "flux")
-    family_notes = {
-        family: "a second (negative) text must be encoded by the family's own text encoders and carried through "
-                "its text stream, which attnctl's adapter does not do yet for this family"
-        for family in ("flux2", "chroma", "qwenimage", "zimage")
-    }
+    families = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", "zimage")
 
     @property
     def active(self) -> bool:
