@@ -118,34 +118,44 @@ CASES = {
 
 
 def _image(family, inputs, n_image):
-    """The image queries' span in a recorded call of ``family``'s checked module."""
+    """The generated image's queries in a recorded call of ``family``'s checked module."""
     if family == "zimage":
         return slice(0, n_image)
-    if family == "qwenimage":
-        return slice(inputs["encoder_hidden_states"].shape[1], None)
-    n_text = inputs["hidden_states"].shape[1] - n_image
-    return slice(n_text, None)
+    n_text = inputs["encoder_hidden_states"].shape[1] if family == "qwenimage" else 32  # max_sequence_length
+    return slice(n_text, n_text + n_image)
+
+
+def _reference_image(size=64):  # FLUX.2 takes references of at least 64 px
+    from PIL import Image
+
+    pixels = torch.Generator().manual_seed(0)
+    return Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=pixels, dtype=torch.uint8).numpy())
 
 
 @pytest.mark.parametrize("path", ["text", "block"])
-@pytest.mark.parametrize("family", ["chroma", "flux2", "qwenimage", "zimage"])
-def test_attention_call_matches_explicit_float64(family, path):
+@pytest.mark.parametrize("family,reference", [("chroma", False), ("flux2", False), ("flux2", True),
+                                              ("qwenimage", False), ("zimage", False)])
+def test_attention_call_matches_explicit_float64(family, reference, path):
     """Step 0's call of one module (after a block that only advanced the negative stream where there is one):
     Z+ = the call's own attention, Z- = the image queries' attention over the negative pass's keys and values
     (recorded from the whole-block path, where the module runs on [negative text; image]), the guided rows'
     image queries combined by the NAG formula, then the module's own output path; against the module's output
     within rtol 1e-4, atol 1e-5. Chroma's call carries its float padding mask (the negative's its own), Qwen-Image
     its negative text at its own length (shorter than the prompt's, RoPE from the transformer's text positions),
-    Z-Image a CFG batch [cond; uncond] whose uncond row is left as it is."""
+    Z-Image a CFG batch [cond; uncond] whose uncond row is left as it is; FLUX.2 with a reference image (16 x 16
+    tokens after the generated image's): its tokens are keys of Z+ and Z- alike, their queries unguided."""
     pipe = _pipe(family)
     name, project, output = CASES[family]
     module = pipe.transformer.get_submodule(name)
     n_image = 64  # 8 x 8 tokens at 32 px in every tiny family
-    block_calls = _calls(family, module, [nag("block", **OPTIONS)])
+    extra = {"image": [_reference_image()]} if reference else {}
+    block_calls = _calls(family, module, [nag("block", **OPTIONS)], **extra)
     neg_in = block_calls[0][0]  # the negative pass runs first, on the guided (cond) rows only
     inputs, out = block_calls[1]
+    if reference:
+        assert inputs["hidden_states"].shape[1] == 32 + 64 + 256
     if path == "text":
-        text_calls = _calls(family, module, [nag("text", **OPTIONS)])
+        text_calls = _calls(family, module, [nag("text", **OPTIONS)], **extra)
         assert len(text_calls) == len(block_calls) - 1  # no call of the module for the negative text
         inputs, out = text_calls[0]
     cond = [0]  # Chroma, FLUX.2: the cond call comes first (the uncond call follows); Z-Image: [cond; uncond]
