@@ -54,7 +54,7 @@ from pydantic import Field, field_validator
 from ..attention import key_probabilities
 from ..errors import AttnctlError, ControlError, TokenError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 
 class ExciteOptions(StrictOptions):
@@ -141,10 +141,7 @@ class ExciteOptions(StrictOptions):
             raise ValueError(f"a grid side must be a positive integer, got {value}")
         return value
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+    _listify = field_validator("layers", mode="before")(listify)
 
 
 class _Stop(Exception):
