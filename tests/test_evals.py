@@ -68,6 +68,16 @@ def test_quality_cli_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n"] == 6 and report["controlled"] is None
     assert 0.0 <= report["baseline"]["object_accuracy"] <= 1.0
+    assert 0.0 <= report["baseline"]["shape_score"] <= 1.0
+    # the graded score is the detector's verdict with margins: an image read right has a positive score, one
+    # with nothing in the named colour scores 0
+    for row in report["rows"]:
+        scored = row["baseline"]
+        if scored["object_accuracy"] == 1.0:
+            assert scored["shape_score"] > 0.0
+        colour = row["prompt"].split()[1]
+        if not any(c == colour for c, _ in scored["detections"]):
+            assert scored["shape_score"] == 0.0
     assert "object_accuracy" in capsys.readouterr().out
 
 
