@@ -228,7 +228,9 @@ class NagOptions(StrictOptions):
     @field_validator("layers", mode="before")
     @classmethod
     def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+        from .base import listify
+
+        return listify(value)
 
 
 @register
