@@ -282,7 +282,8 @@ class Nag(Control):
 
     # -- per pipeline call ---------------------------------------------------------------------------------
     def on_call_start(self, session):
-        self._embeds: dict[tuple, torch.Tensor] = {}  # (negative texts, text_len, device, dtype) -> embeddings
+        # (negative texts, text_len, device, dtype) -> (embeddings, mask of their real tokens)
+        self._embeds: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._captured: dict[str, torch.Tensor] = {}
         self._capturing = False
         self._text: SecondText | None = None  # the negative text stream before the next block
