@@ -38,5 +38,8 @@ class ChromaAdapter(FluxAdapter):
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer, 0, None)]
 
+    def inversion_guidance(self, pipe, guidance_scale):
+        return 1.0  # real CFG, no guidance embedding: 1.0 runs the cond call alone
+
 
 __all__ = ["ChromaAdapter"]
