@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .adapters import adapter_for
-from .errors import ControlError
+from .errors import AttnctlError, ControlError
 
 FIXES = ("negative-prompt", "none")
 
@@ -228,6 +228,14 @@ def probe(pipe, prompt: str, steps: int, guidance_scale: float, latents: torch.T
              output_type="latent", **call_kwargs)
     except _Probed:
         pass
+    except AttnctlError:
+        raise
+    except Exception as exc:  # the pipeline could not make the call: say what inversion asked of it
+        raise ControlError(
+            f"inversion: {type(pipe).__name__} failed before its first denoiser call ({type(exc).__name__}: {exc}). "
+            "Inversion makes a text-to-image call of the pipeline (the prompt and the image's latents, no input "
+            "image): pipelines that need an input image (img2img, inpainting, Qwen-Image-Edit) cannot be inverted "
+            "through") from exc
     finally:
         handle.remove()
     if not captured:

@@ -302,9 +302,10 @@ def test_new_family_inversion_regenerates_its_latents(family):
 
 def test_refusals_name_the_family_and_the_reason(monkeypatch):
     """No family declares ``inversion_unsupported`` today; the declaration is still the one place a family says why
-    it cannot be inverted (set here), and a call whose denoiser latents are not the image's (reference images
-    packed beside them, as in edit pipelines) is refused rather than inverted wrongly (simulated here by packing
-    the image's latents one token short)."""
+    it cannot be inverted (set here). A pipeline that cannot make inversion's text-to-image call (Qwen-Image-Edit
+    without its input image) is a ``ControlError`` saying so, and a call whose denoiser latents are not the image's
+    (reference latents packed beside them) is refused rather than inverted wrongly (simulated here by packing the
+    image's latents one token short)."""
     from attnctl.adapters import ADAPTERS, adapter_for
 
     pipe = _family_pipe("qwenimage")
@@ -315,6 +316,12 @@ def test_refusals_name_the_family_and_the_reason(monkeypatch):
         patch.setattr(cls, "inversion_unsupported", "a reason")
         with pytest.raises(ControlError, match="does not support the qwenimage family: a reason"):
             invert(pipe, image, "a red circle", 2, height=32, width=32)
+    import diffusers
+
+    edit = diffusers.QwenImageEditPipeline(**pipe.components, processor=None)  # needs its input image
+    with pytest.raises(ControlError, match="QwenImageEditPipeline failed before its first denoiser call .*"
+                                           "pipelines that need an input image"):
+        invert(edit, image, "a red circle", 2, height=32, width=32)
     monkeypatch.setattr(cls, "pack_latents", lambda self, pipe, latents: latents[:, 1:])
     with pytest.raises(ControlError, match=r"latents of shape \(1, 16, 16\) for an image whose latents are "
                                            r"\(1, 15, 16\).*text-to-image calls"):
