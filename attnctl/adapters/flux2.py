@@ -17,6 +17,11 @@ The KV-cache processors of ``Flux2KleinKVPipeline`` attend twice (extract) or to
 Calls: ``Flux2Pipeline`` is guidance-distilled (one cond call per step); ``Flux2KleinPipeline`` runs CFG as a
 second call inside ``transformer.cache_context("uncond")`` when ``guidance_scale > 1`` and not distilled, the
 layout FLUX's true CFG has, so the call kinds are FLUX's.
+
+Inversion of a real image (``attnctl.inversion``): the pipeline's ``latents=`` is the VAE's latents patchified 2x2 and
+normalised by the VAE's batch-norm statistics, (B, 4C, h/2, w/2), which the pipeline packs into tokens; the adapter
+declares that encoding, its inverse (the pipeline's decode path) and the packing. [klein] has no ``negative_prompt``
+argument, so the negative-prompt fix passes ``negative_prompt_embeds``; [dev] is guidance-distilled (no CFG).
 """
 
 from __future__ import annotations

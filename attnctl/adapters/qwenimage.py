@@ -16,6 +16,11 @@ image being generated. Qwen-Image-Edit appends the reference image's latents aft
 two grids), so the image span controls see is the generated grid only: maps, regions and excite read and act on
 the generated image's queries, while its reference tokens stay ordinary keys. Its text stream holds the input
 image's vision tokens before the prompt, so word positions there are refused (``text_segments``), not guessed.
+
+Inversion of a real image (``attnctl.inversion``): the image is one frame of the causal video VAE
+(``AutoencoderKLQwenImage``), its latents normalised per channel by the config's ``latents_mean``/``latents_std`` and
+packed 2x2 into the tokens the pipeline's ``latents=`` takes; the adapter declares that encoding and its inverse
+(the pipeline's decode path). Qwen-Image-Edit's pipelines need their input image and are not inverted.
 """
 
 from __future__ import annotations
