@@ -14,9 +14,7 @@ a small chat template puts the prompt in a user turn, as Qwen3's does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from .tokenizers import DEFAULT_WORDS
+from .tokenizers import DEFAULT_WORDS, build_qwen_tokenizer
 
 # The chat turns FLUX.2 [klein] wraps a prompt in (``apply_chat_template(..., enable_thinking=False)``).
 QWEN_CHAT_TEMPLATE = (
@@ -24,48 +22,13 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
-QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def build_qwen_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 512):
-    """A byte-level BPE ``Qwen2Tokenizer`` in which every word is one token, with and without a leading space."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2TokenizerFast
-
-    words = [w.lower() for w in words]
-    vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    merges: list[tuple[str, str]] = []
-    forms = [form for w in words for form in ("\u0120" + w, w) if len(form) > 1]
-
-    def add(pieces: list[str]) -> None:
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if (current, piece) not in merges:
-                merges.append((current, piece))
-            current += piece
-            vocab.setdefault(current, len(vocab))
-
-    for form in forms:
-        add(list(form))
-    for token in QWEN_SPECIAL:
-        vocab.setdefault(token, len(vocab))
-    # An early merge of one word can split another: join whatever pieces are left until each form is one token.
-    for _ in range(8):
-        tokenizer = Qwen2TokenizerFast(vocab=dict(vocab), merges=list(merges), eos_token="<|im_end|>",
-                                       pad_token="<|endoftext|>", model_max_length=model_max_length)
-        broken = {}
-        for word in words:
-            for text, form in ((" " + word, "\u0120" + word), (word, word)):
-                pieces = tokenizer.tokenize(text)
-                if pieces != [form]:
-                    broken[form] = pieces
-        if not broken:
-            tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
-            tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-            return tokenizer
-        for pieces in broken.values():
-            add(pieces)
-    raise ValueError(f"cannot build whole-word tokens for {sorted(broken)}")
+def flux2_tokenizer():
+    """The Qwen tokenizer of ``tiny:flux2``: ``DEFAULT_WORDS``, the chat template above, the spaced form's merges
+    before the bare form's, ``<|im_end|>`` its end token and the chat tokens listed as special."""
+    return build_qwen_tokenizer(DEFAULT_WORDS, chat_template=QWEN_CHAT_TEMPLATE, model_max_length=512,
+                                spaced_first=True, eos_token="<|im_end|>", list_chat_tokens=True)
 
 
 def flux2_klein(tokenizer=None):
@@ -74,7 +37,7 @@ def flux2_klein(tokenizer=None):
     from diffusers import Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = tokenizer or build_qwen_tokenizer()
+    tokenizer = tokenizer or flux2_tokenizer()
     text_encoder = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,

@@ -1,7 +1,8 @@
 """Tiny offline pipelines of the Qwen-Image and Z-Image families, and the Qwen tokenizer they need.
 
 Both families encode prompts with a Qwen language model (Qwen-Image: Qwen2.5-VL, Z-Image: Qwen3) whose byte-level
-BPE tokenizer cannot be downloaded here. ``build_qwen_tokenizer`` makes a ``Qwen2Tokenizer`` from a word list: each
+BPE tokenizer cannot be downloaded here. ``qwen_tokenizer`` makes a ``Qwen2Tokenizer`` from a word list
+(``attnctl.tokenizers.build_qwen_tokenizer``): each
 word is one token (with and without the leading space byte, ``"Ġcat"`` and ``"cat"``), every other text still
 tokenizes through the 256 byte symbols, and ``<|im_start|>``/``<|im_end|>`` are special tokens. The words
 include those of Qwen-Image's prompt template, whose system prefix the pipeline drops by a fixed count of 34
@@ -15,9 +16,7 @@ family's pieces stay in one file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from .tokenizers import DEFAULT_WORDS
+from .tokenizers import DEFAULT_WORDS, build_qwen_tokenizer
 
 # Qwen-Image's prompt template (pipeline_qwenimage.py: prompt_template_encode), word by word.
 QWEN_TEMPLATE_WORDS = (
@@ -31,78 +30,12 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-
-def _byte_level(text: str) -> str:
-    from tokenizers.pre_tokenizers import ByteLevel  # noqa: F401  (the alphabet below is ByteLevel's)
-
-    table = _byte_table()
-    return "".join(table[b] for b in text.encode("utf-8"))
-
-
-def _byte_table() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
-def build_qwen_tokenizer(words: Iterable[str] = tuple(DEFAULT_WORDS) + tuple(QWEN_TEMPLATE_WORDS),
-                         model_max_length: int = 4096):
-    """A ``Qwen2Tokenizer`` (byte-level BPE) in which each of ``words``, bare or after a space, is one token."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-
-    alphabet = sorted(set(_byte_table().values()))
-    vocab: dict[str, int] = {}
-    for symbol in alphabet:
-        vocab.setdefault(symbol, len(vocab))
-    targets = []
-    for word in dict.fromkeys(words):
-        targets += [_byte_level(word), _byte_level(" " + word)]
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for target in targets:
-        current = target[0]
-        for char in target[1:]:
-            pair = (current, char)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            current += char
-            vocab.setdefault(current, len(vocab))
-
-    def build():
-        tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
-        tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL[1:]])
-        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        return tokenizer
-
-    # An early merge of one word can split another: join whatever pieces are left, lowest priority, until every
-    # target is one token (as attnctl.tokenizers does for CLIP).
-    for _ in range(8):
-        tokenizer = build()
-        broken = {t: tokenizer._tokenizer.model.tokenize(t) for t in targets}
-        broken = {t: [p.value for p in pieces] for t, pieces in broken.items() if len(pieces) != 1}
-        if not broken:
-            return tokenizer
-        for pieces in broken.values():
-            current = pieces[0]
-            for piece in pieces[1:]:
-                if (current, piece) not in seen:
-                    seen.add((current, piece))
-                    merges.append((current, piece))
-                current += piece
-                vocab.setdefault(current, len(vocab))
-    raise ValueError(f"cannot build whole-word tokens for {sorted(broken)}")
+def qwen_tokenizer():
+    """The Qwen tokenizer of both tiny pipelines: ``DEFAULT_WORDS`` and Qwen-Image's template words, the chat
+    template above, the bare form's merges before the spaced form's, ``<|endoftext|>`` its end token."""
+    return build_qwen_tokenizer(tuple(DEFAULT_WORDS) + tuple(QWEN_TEMPLATE_WORDS), chat_template=QWEN_CHAT_TEMPLATE,
+                                model_max_length=4096, spaced_first=False, list_chat_tokens=False)
 
 
 def tiny_qwenimage(tokenizer=None):
@@ -112,7 +45,7 @@ def tiny_qwenimage(tokenizer=None):
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = tokenizer or build_qwen_tokenizer()
+    tokenizer = tokenizer or qwen_tokenizer()
     z_dim = 4
     text_config = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
@@ -149,7 +82,7 @@ def tiny_zimage(tokenizer=None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    tokenizer = tokenizer or build_qwen_tokenizer()
+    tokenizer = tokenizer or qwen_tokenizer()
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text_encoder = Qwen3Model(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -4,6 +4,8 @@ No hub is reachable, so the tiny test pipelines and the embedded ShapesWorld mod
 ourselves. ``build_clip_tokenizer`` makes a byte-level BPE whose merges spell every listed word as one
 whole-word token (``"circle</w>"``), while any other text still tokenizes through the 256 byte symbols.
 ``build_t5_tokenizer`` makes a unigram (sentencepiece-style) tokenizer with the words as ``"▁word"`` pieces.
+``build_qwen_tokenizer`` makes the byte-level BPE of the Qwen language models (FLUX.2 [klein], Qwen-Image and
+Z-Image encode prompts with one) with each word one token, bare and after a space (``"cat"``, ``"Ġcat"``).
 """
 
 from __future__ import annotations
@@ -94,3 +96,89 @@ def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: i
             known.add(ch)
             pieces.append((ch, -8.0))
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _byte_table() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def _byte_level(text: str) -> str:
+    table = _byte_table()
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def build_qwen_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, chat_template: str | None = None,
+                         model_max_length: int = 512, spaced_first: bool = True, eos_token: str = QWEN_SPECIAL[0],
+                         list_chat_tokens: bool = True):
+    """A byte-level BPE ``Qwen2Tokenizer`` in which each of ``words``, bare or after a space, is one token.
+
+    Vocabulary: the 256 byte symbols, each word's merges, then ``<|endoftext|>`` (unknown and padding token),
+    ``<|im_start|>`` and ``<|im_end|>``; every other text still tokenizes through the byte symbols. What the
+    families' tiny pipelines differ in (each keeps its own, so their random weights and outputs stay as they were):
+
+    - ``chat_template``: the Jinja template ``apply_chat_template`` renders (each family's pipeline calls it);
+    - ``spaced_first``: the order of each word's merges, and so of the token ids: ``"Ġcat"``'s before ``"cat"``'s
+      (FLUX.2) or after (Qwen-Image, Z-Image);
+    - ``eos_token``: FLUX.2 ends on ``<|im_end|>``, the others on ``<|endoftext|>``;
+    - ``list_chat_tokens``: ``<|im_start|>``/``<|im_end|>`` listed among the special tokens (``all_special_ids``,
+      FLUX.2) or only added as special tokens that are matched whole (Qwen-Image, Z-Image).
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab: dict[str, int] = {}
+    for symbol in sorted(set(_byte_table().values())):
+        vocab.setdefault(symbol, len(vocab))
+    targets = []
+    for word in dict.fromkeys(words):
+        bare, spaced = _byte_level(word), _byte_level(" " + word)
+        targets += [spaced, bare] if spaced_first else [bare, spaced]
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(pieces) -> None:
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in seen:
+                seen.add((current, piece))
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+
+    for target in targets:
+        add(list(target))
+    # An early merge of one word can split another (as for CLIP above): join whatever pieces are left, lowest
+    # priority, until every target is one token.
+    for _ in range(8):
+        tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+        broken = {t: [p.value for p in tokenizer._tokenizer.model.tokenize(t)] for t in targets}
+        broken = {t: pieces for t, pieces in broken.items() if len(pieces) != 1}
+        if not broken:
+            break
+        for pieces in broken.values():
+            add(pieces)
+    else:
+        raise ValueError(f"cannot build whole-word tokens for {sorted(broken)}")
+    for token in QWEN_SPECIAL:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, eos_token=eos_token,
+                               unk_token=QWEN_SPECIAL[0], pad_token=QWEN_SPECIAL[0])
+    if list_chat_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
+    else:
+        tokenizer.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL[1:]])
+    tokenizer.chat_template = chat_template
+    return tokenizer

@@ -144,3 +144,89 @@ def test_crowded_suite_has_three_and_four_object_prompts_with_subjects():
     assert suite.fill("excite", {}, four)["subjects"] == [o["shape"] for o in parse_caption(four.prompt)]
     # Prompts apart from the presence suite's, so a control tuned on one is measured on the other.
     assert not {c.prompt for c in cases} & {c.prompt for c in get_suite("presence").cases(None, 1)}
+
+
+# -- Attend-and-Excite diagnostics in presence / crowded -----------------------------------------------------
+EXCITE_RECIPE = "prompt: x\nsteps: 8\ncontrols:\n  excite:\n    subjects: auto\n    resolution: 16\n"
+CROWDED_PROMPTS = "a red circle, a orange square and a purple triangle\na green star, a blue circle and a red square\n"
+
+
+def test_crowded_report_has_the_weakest_subjects_attention_before_and_after_a_and_e(tmp_path):
+    """Every row gets A&E's readings in both runs (the baseline's measured without changing its images), and the
+    report their paired summaries; on these prompts A&E raises the weakest subject's attention."""
+    recipe, prompts, out = tmp_path / "r.yaml", tmp_path / "p.txt", tmp_path / "out.json"
+    recipe.write_text(EXCITE_RECIPE)
+    prompts.write_text(CROWDED_PROMPTS)
+    report = run_eval("crowded", model="shapes", recipe=str(recipe), prompts=str(prompts), seeds=2,
+                      json_path=str(out), progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 4 and saved["excite_attention"] == json.loads(json.dumps(report["excite_attention"]))
+    for row in saved["rows"]:
+        for run in ("baseline", "controlled"):
+            excite = row[run]["excite"]
+            assert set(excite) == {"max_attention", "weakest", "weakest_max", "refinement_iterations"}
+            assert list(excite["max_attention"]) == subjects_of(row["prompt"])
+            assert excite["weakest_max"] == min(excite["max_attention"].values())
+            assert excite["max_attention"][excite["weakest"]] == excite["weakest_max"]
+            assert 0.0 <= excite["weakest_max"] <= 1.0
+        assert row["baseline"]["excite"]["refinement_iterations"] == 0
+        # A&E acts on every row: its weakest subject ends the window with more attention than the baseline's.
+        assert row["controlled"]["excite"]["weakest_max"] > row["baseline"]["excite"]["weakest_max"]
+    block = saved["excite_attention"]
+    assert set(block) == {"all", "neglected", "still_neglected"}
+    every = block["all"]
+    assert every["n"] == 4 and every["controlled"] > every["baseline"] and every["delta_ci95"][0] > 0
+    base = [r["baseline"]["excite"]["weakest_max"] for r in saved["rows"]]
+    assert every["baseline"] == pytest.approx(np.mean(base))
+    neglected = [r for r in saved["rows"] if r["baseline"]["neglect_rate"]]
+    assert block["neglected"]["n"] == len(neglected)
+    assert block["neglected"]["fixed"] == sum(not r["controlled"]["neglect_rate"] for r in neglected)
+    assert block["still_neglected"]["n"] == len(neglected) - block["neglected"]["fixed"]
+
+    # The measurement changes no baseline score: a run without it (baseline only) scores the same images alike.
+    alone = run_eval("crowded", model="shapes", recipe=str(recipe), prompts=str(prompts), seeds=2,
+                     baseline_only=True, progress=False)
+    assert "excite_attention" not in alone and all("excite" not in r["baseline"] for r in alone["rows"])
+    assert [{k: v for k, v in r["baseline"].items() if k != "excite"} for r in saved["rows"]] == \
+           [r["baseline"] for r in alone["rows"]]
+
+
+def test_excite_measurement_leaves_the_baseline_images_bit_identical():
+    from attnctl.evals.base import Settings
+    from attnctl.evals.presence import Output
+    from attnctl.models import load
+    from attnctl.recipe import Recipe
+
+    suite = get_suite("crowded")
+    settings = Settings(steps=6, controls={"excite": {"subjects": "auto", "resolution": 16, "scale_factor": 40.0}})
+    cases = suite.cases(CROWDED_PROMPTS.splitlines(), 2)
+    measuring = suite.baseline_controls(settings, cases)
+    assert measuring == {"excite": {"subjects": [subjects_of(c.prompt) for c in cases], "resolution": 16,
+                                    "measure_only": True}}  # the update's step size does not change what it reads
+    pipe = load("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    plain = suite.generate(pipe, settings, cases, None)
+    measured = suite.generate(pipe, settings, cases, Recipe(prompt="x", controls=measuring).build_controls())
+    assert all(isinstance(o, Output) and o.excite["refinement_iterations"] == 0 for o in measured)
+    assert [o.excite["subjects"] for o in measured] == [subjects_of(c.prompt) for c in cases]
+    for image, output in zip(plain, measured):
+        assert image.dtype == output.image.dtype and np.array_equal(image, output.image)
+    assert suite.baseline_controls(Settings(controls={"maps": {"words": ["red"]}}), cases) == {}
+
+
+def test_a_sweep_of_the_excitation_step_size_shares_one_measured_baseline(tmp_path, monkeypatch):
+    suite = get_suite("crowded")
+    calls = []
+    real_generate = type(suite).generate
+
+    def counting(self, pipe, settings, cases, controls):
+        calls.append([(c.name, c.options.measure_only) for c in controls or []])
+        return real_generate(self, pipe, settings, cases, controls)
+
+    monkeypatch.setattr(type(suite), "generate", counting)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt: x\nsteps: 4\ncontrols:\n  excite:\n    subjects: auto\n    resolution: 16\n"
+                      "    scale_factor: [10.0, 40.0]\nsweep: [controls.excite.scale_factor]\n")
+    result = run_eval("crowded", model="shapes", recipe=str(recipe), seeds=2, limit=2, progress=False)
+    assert calls == [[("excite", True)], [("excite", False)], [("excite", False)]]
+    assert all(r["excite_attention"]["all"]["n"] == 2 for r in result["reports"])

@@ -266,6 +266,29 @@ def test_empty_window_is_the_plain_pipeline(pipe, family, call_kwargs):
     assert control.history == [] and session.last_run()["controls"] == {}
 
 
+def test_measure_only_reads_what_the_loss_reads_and_leaves_the_images_bit_identical():
+    """``measure_only``: the readings of every step of the window on the plain pipeline's latents (at step 0, where
+    nothing has moved yet, the same as an acting control's), no gradient, the plain pipeline's images."""
+    pipe = tiny_pipeline("sd15")
+    kwargs = functools.partial(tiny_call_kwargs, "sd15", steps=4)  # a fresh generator per call
+    plain = pipe(PROMPTS, **kwargs()).images
+    measuring = Excite(subjects=SUBJECTS, measure_only=True, thresholds={0.0: 0.99})
+    with apply(pipe, measuring) as session:
+        same = pipe(PROMPTS, **kwargs()).images
+    assert torch.equal(same, plain)
+    run = session.last_run()["controls"]["excite"]
+    assert run["measure_only"] is True and run["altered_steps"] == len(measuring.history) == 2  # window: 2 of 4
+    assert all(record["iterations"] == [0, 0] and not record["refined"] for record in measuring.history)
+    assert [image["refinement_iterations"] for image in run["images"]] == [0, 0]
+    acting = Excite(subjects=SUBJECTS, thresholds={}, scale_factor=200.0)
+    with apply(pipe, acting):
+        moved = pipe(PROMPTS, **kwargs()).images
+    assert (moved - plain).abs().max() > 1e-3
+    torch.testing.assert_close(measuring.history[0]["max_attention"], acting.history[0]["max_attention"],
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(measuring.history[0]["loss"], acting.history[0]["loss"], atol=1e-6, rtol=0)
+
+
 def test_gradient_forwards_only_on_altered_steps():
     """4 steps, window of the first quarter: one gradient forward (plus refinement's), none after."""
     pipe = tiny_pipeline("sd15")

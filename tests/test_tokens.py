@@ -40,3 +40,24 @@ def test_whole_word_tokens_for_every_word(clip):
 
     for word in DEFAULT_WORDS:
         assert clip.tokenize(word) == [word + "</w>"]
+
+
+def test_qwen_tokenizer_words_are_one_token_bare_and_spaced_and_its_variants_differ_only_as_asked():
+    from attnctl.tokenizers import DEFAULT_WORDS, QWEN_SPECIAL, build_qwen_tokenizer
+
+    words = list(DEFAULT_WORDS) + ["Describe", "bottom", "top"]  # a capital; "top" merges inside "bottom"
+    spaced = build_qwen_tokenizer(words, eos_token="<|im_end|>", list_chat_tokens=True)
+    bare = build_qwen_tokenizer(words, spaced_first=False, list_chat_tokens=False, model_max_length=4096)
+    for tokenizer in (spaced, bare):
+        for word in words:
+            assert tokenizer.tokenize(word) == [word] and tokenizer.tokenize(" " + word) == ["\u0120" + word]
+        n = len(tokenizer)
+        assert tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL)) == [n - 3, n - 2, n - 1]  # after the words
+        assert tokenizer.tokenize("<|im_start|>circle") == ["<|im_start|>", "circle"]
+    assert len(spaced) == len(bare) and set(spaced.get_vocab()) == set(bare.get_vocab())
+    assert spaced.convert_tokens_to_ids("\u0120circle") < spaced.convert_tokens_to_ids("circle")
+    assert bare.convert_tokens_to_ids("\u0120circle") > bare.convert_tokens_to_ids("circle")
+    assert spaced.eos_token == "<|im_end|>" and bare.eos_token == "<|endoftext|>"
+    assert set(spaced.all_special_ids) == set(spaced.convert_tokens_to_ids(list(QWEN_SPECIAL)))
+    assert bare.all_special_ids == [bare.convert_tokens_to_ids("<|endoftext|>")]
+    assert spaced.model_max_length == 512 and bare.model_max_length == 4096 and spaced.chat_template is None

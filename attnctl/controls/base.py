@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from ..engine import AttentionCall, LatentUpdate, Session, StepInfo
 
 
+def listify(value: Any) -> Any:
+    """A ``mode="before"`` validator of list options: one string becomes a one-item list (``layers: mid_block``
+    means ``layers: [mid_block]``)."""
+    return [value] if isinstance(value, str) else value
+
+
 class StrictOptions(BaseModel):
     """Base for control options: unknown keys are errors, values are validated on assignment."""
 

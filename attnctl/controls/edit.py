@@ -48,27 +48,23 @@ from ..attention import key_probabilities
 from ..align import Alignment, align_prompts, check_swappable
 from ..errors import ControlError, TokenError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 GROUPS = ("q_image", "k_image", "v_image", "q_text", "k_text", "v_text")
 BLOCKS = ("image->image", "image->text", "text->image", "text->text")
 
 
-def _listify(value):
-    return [value] if isinstance(value, str) else value
-
-
 class CrossOptions(StrictOptions):
     window: StepWindow | None = Field(None, description="Steps of map replacement (default 0.8 with cross sites).")
     layers: list[str] | None = Field(None, description="Layer selectors (default: cross sites, else joint+single).")
-    _layers = field_validator("layers", mode="before")(lambda cls, v: _listify(v))
+    _layers = field_validator("layers", mode="before")(listify)
 
 
 class SelfOptions(StrictOptions):
     window: StepWindow = Field(default_factory=lambda: StepWindow(start=0.0, stop=0.4))
     layers: list[str] | None = Field(None, description="Layer selectors (default: every self-attention site).")
     inject: Literal["maps", "kv"] = Field("maps", description="maps: the source's maps; kv: its keys and values.")
-    _layers = field_validator("layers", mode="before")(lambda cls, v: _listify(v))
+    _layers = field_validator("layers", mode="before")(listify)
 
 
 class JointOptions(StrictOptions):
@@ -76,7 +72,7 @@ class JointOptions(StrictOptions):
     layers: list[str] | None = Field(None, description="Layer selectors (default: every joint/single site).")
     inject: list[Literal[GROUPS]] = Field(default_factory=lambda: ["q_image", "k_image"])
     blocks: list[Literal[BLOCKS]] = Field(default_factory=list, description="Map regions taken from the source.")
-    _layers = field_validator("layers", mode="before")(lambda cls, v: _listify(v))
+    _layers = field_validator("layers", mode="before")(listify)
 
 
 class BlendOptions(StrictOptions):
@@ -86,7 +82,7 @@ class BlendOptions(StrictOptions):
     window: StepWindow = Field(default_factory=lambda: StepWindow(start=0.0, stop=1.0))
     layers: list[str] | None = Field(None, description="Sites whose maps make the mask (default: all with text).")
     mask: str | None = Field(None, description="A mask image (white = editable) instead of attention maps.")
-    _lists = field_validator("layers", "words", mode="before")(lambda cls, v: _listify(v))
+    _lists = field_validator("layers", "words", mode="before")(listify)
 
 
 class EditOptions(StrictOptions):

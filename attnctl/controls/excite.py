@@ -54,7 +54,7 @@ from pydantic import Field, field_validator
 from ..attention import key_probabilities
 from ..errors import AttnctlError, ControlError, TokenError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 
 class ExciteOptions(StrictOptions):
@@ -87,6 +87,10 @@ class ExciteOptions(StrictOptions):
                             "side is n), or [h, w].")
     layers: list[str] | None = Field(None, description="Layer selectors for the loss (default: all with text).")
     early_stop: bool = Field(True, description="Stop the gradient forward after the last layer the loss reads.")
+    measure_only: bool = Field(
+        False, description="Read each subject's max attention at every step of the window, as the loss would, but "
+                           "leave the latents alone (no update, no refinement): the images are those of the plain "
+                           "pipeline, the run metadata holds what A&E would have read on them.")
 
     @field_validator("subjects", mode="before")
     @classmethod
@@ -137,10 +141,7 @@ class ExciteOptions(StrictOptions):
             raise ValueError(f"a grid side must be a positive integer, got {value}")
         return value
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+    _listify = field_validator("layers", mode="before")(listify)
 
 
 class _Stop(Exception):
@@ -207,7 +208,9 @@ class Excite(Control):
     After a pipeline call: ``history`` lists each altered step (losses, maxima, refinement iterations as
     tensors), ``maps`` holds the subject maps the loss saw at the last altered step ``{subject: (n, h, w)}``
     (for saved overlays, put a ``maps`` control beside this one). The run metadata gets, per image, the final
-    max attention per subject, the refinement iterations and the loss per altered step.
+    max attention per subject, the refinement iterations and the loss per altered step. With ``measure_only`` the
+    same readings are taken on the plain pipeline's latents (one forward per step of the window, no gradient, no
+    change to the images): the diagnostics of a run without A&E.
     """
 
     name = "excite"
@@ -286,8 +289,11 @@ class Excite(Control):
                 if record["refined"]:
                     entry["refinement"][str(record["step"])] = int(iterations)
                     entry["refinement_iterations"] += int(iterations)
-        return {"grid": list(self._grid) if self._grid else None, "altered_steps": len(self.history),
-                "images": [images[s] for s in sorted(images)]}
+        out = {"grid": list(self._grid) if self._grid else None, "altered_steps": len(self.history),
+               "images": [images[s] for s in sorted(images)]}
+        if self.options.measure_only:
+            out["measure_only"] = True
+        return out
 
     # -- the latent update -----------------------------------------------------------------------------------
     def wants_latent_update(self, step):
@@ -312,6 +318,14 @@ class Excite(Control):
         alpha = self._step_size(step)
         z = update.z.detach()
         rows = list(range(len(samples)))
+        if opts.measure_only:
+            losses, maxima, _ = self._evaluate(update, z, rows, gradient=False)
+            self.history.append({
+                "step": step.index, "alpha": 0.0, "samples": samples, "loss": losses, "max_attention": maxima,
+                "iterations": [0] * len(rows), "refined": False,
+                "subjects": {s: self._plan(s, update.frame.text_len)["subjects"] for s in samples},
+            })
+            return None
         losses, maxima, grad = self._evaluate(update, z, rows)
         iterations = [0] * len(rows)
         threshold = self._threshold_at(step)
@@ -337,8 +351,9 @@ class Excite(Control):
         })
         return z - update.z
 
-    def _evaluate(self, update, z: torch.Tensor, rows: list[int]):
-        """Loss (R,), per-subject max attention (R, J) and dL/dz (R, ...) for ``rows`` of ``update``'s batch."""
+    def _evaluate(self, update, z: torch.Tensor, rows: list[int], gradient: bool = True):
+        """Loss (R,), per-subject max attention (R, J) and dL/dz (R, ...; None without ``gradient``) for ``rows``
+        of ``update``'s batch."""
         frame = update.frame
         sub = update if len(rows) == len(update.rows) else type(update)(
             update.session, update.params, [update.rows[r] for r in rows], update.scale, z, frame)
@@ -348,7 +363,7 @@ class Excite(Control):
         known = self._grids.get(frame.latent_hw)
         collector = _Collector(columns, known[0] if known else None,
                                known[1] if known and self.options.early_stop else None)
-        z = z.detach().requires_grad_(True)
+        z = z.detach().requires_grad_(gradient)
         self._collect = collector
         try:
             sub.denoise(z)
@@ -374,13 +389,15 @@ class Excite(Control):
             for w, m in zip(plan["subjects"], maps.detach()):
                 self._store_map(w, samples[i], m)
         losses = torch.stack(losses)
-        if bool((losses > 0).any()):
+        if not gradient:
+            grad = None
+        elif bool((losses > 0).any()):
             (grad,) = torch.autograd.grad(losses.sum(), z)
         else:
             grad = torch.zeros_like(z)
         width = max(len(m) for m in maxima)
         maxima = torch.stack([F.pad(m, (0, width - len(m))) for m in maxima])
-        return losses.detach(), maxima, grad.detach()
+        return losses.detach(), maxima, None if grad is None else grad.detach()
 
     def _store_map(self, word: str, sample: int, grid_map: torch.Tensor) -> None:
         n = self._session.images_per_prompt * len(self._session.prompts or [None])

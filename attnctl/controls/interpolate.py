@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 from .. import interpolation as maths
 from ..errors import ControlError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 
 class InterpolateOptions(StrictOptions):
@@ -67,10 +67,7 @@ class InterpolateOptions(StrictOptions):
     layers: list[str] | None = Field(None, description="Layer selectors (default: every attention layer).")
     gif_seconds: float = Field(0.15, gt=0, le=10, description="Seconds per GIF frame.")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+    _listify = field_validator("layers", mode="before")(listify)
 
     @field_validator("prompts")
     @classmethod

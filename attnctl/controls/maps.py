@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from ..errors import TokenError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 
 class MapsOptions(StrictOptions):
@@ -23,10 +23,7 @@ class MapsOptions(StrictOptions):
     window: StepWindow = Field(default_factory=StepWindow, description="Fraction of the schedule to average over.")
     branch: str = Field("cond", description="Which rows to read: cond (default), uncond, or an extra branch.")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+    _listify = field_validator("layers", mode="before")(listify)
 
 
 @register

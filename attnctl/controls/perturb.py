@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import ControlError
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 DEFAULT_LAYERS: dict[str, list[str]] = {
     "sd15": ["mid_block"],
@@ -61,10 +61,6 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
 PERTURBABLE_KINDS = ("self", "joint", "single")
 
 
-def _listify(value):
-    return [value] if isinstance(value, str) else value
-
-
 class PerturbTarget(StrictOptions):
     """Layers (and heads) perturbed with one SoftPAG strength ``u``."""
 
@@ -72,10 +68,7 @@ class PerturbTarget(StrictOptions):
                                                         "'mid_block:heads=0,3' (all heads when none are named).")
     u: float = Field(1.0, ge=0.0, le=1.0, description="SoftPAG strength in [0, 1]: 1 = PAG identity, 0 = none.")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _as_list(cls, value):
-        return _listify(value)
+    _as_list = field_validator("layers", mode="before")(listify)
 
 
 class PerturbOptions(StrictOptions):
@@ -94,10 +87,7 @@ class PerturbOptions(StrictOptions):
         "image", description="Joint/single-stream sites: identity on the whole map (full) or on the "
                              "image->image block only (image, as diffusers' SD3 PAG).")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _as_list(cls, value):
-        return _listify(value)
+    _as_list = field_validator("layers", mode="before")(listify)
 
     @model_validator(mode="after")
     def _one_form(self):

@@ -53,7 +53,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from ..errors import ControlError, TokenError
 from ..masks import ASPECT_TOLERANCE, RegionGrids, load_mask
 from ..select import select
-from .base import Control, StepWindow, StrictOptions, register
+from .base import Control, StepWindow, StrictOptions, listify, register
 
 TEXT_KINDS = ("cross", "joint", "single")
 _CACHE_LIMIT = 64  # cached bias tensors per control (one per grid x prompt x batch composition)
@@ -121,10 +121,7 @@ class RegionsOptions(StrictOptions):
     layers: list[str] | None = Field(None, description="Layer selectors (default: every layer with text tokens, "
                                                        "and self-attention layers when self_weight > 0).")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _listify(cls, value):
-        return [value] if isinstance(value, str) else value
+    _listify = field_validator("layers", mode="before")(listify)
 
     @field_validator("background")
     @classmethod

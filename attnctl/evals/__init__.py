@@ -48,8 +48,9 @@ def _batches(cases: list[Case], controls: list[dict], batch_size: int):
 
 
 def _generate(suite: Suite, pipe, settings: Settings, cases: list[Case], filled: list[dict] | None,
-              batch_size: int, desc: str, progress: bool) -> tuple[list[dict], float]:
-    """Score every case, generated without controls (``filled`` None) or with its filled-in controls."""
+              batch_size: int, desc: str, progress: bool, measure: bool = False) -> tuple[list[dict], float]:
+    """Score every case, generated without controls (``filled`` None) or with its filled-in controls. With
+    ``measure`` the baseline runs the suite's measuring-only controls (``Suite.baseline_controls``) per batch."""
     from tqdm.auto import tqdm
 
     from ..recipe import Recipe
@@ -57,17 +58,23 @@ def _generate(suite: Suite, pipe, settings: Settings, cases: list[Case], filled:
     scores: list[dict] = [{} for _ in cases]
     t0 = time.perf_counter()
     for idx in tqdm(list(_batches(cases, filled or [{}] * len(cases), batch_size)), desc=desc, disable=not progress):
-        controls = Recipe(prompt="x", controls=filled[idx[0]]).build_controls() if filled else None
-        outputs = suite.generate(pipe, settings, [cases[i] for i in idx], controls)
+        batch = [cases[i] for i in idx]
+        if filled:
+            controls = Recipe(prompt="x", controls=filled[idx[0]]).build_controls()
+        else:
+            measuring = suite.baseline_controls(settings, batch) if measure else {}
+            controls = Recipe(prompt="x", controls=measuring).build_controls() if measuring else None
+        outputs = suite.generate(pipe, settings, batch, controls)
         for i, out in zip(idx, outputs):
             scores[i] = suite.score(cases[i], out)
     return scores, round(time.perf_counter() - t0, 2)
 
 
-def _baseline_key(settings: Settings) -> str:
-    """What the baseline images depend on: every setting but the controls."""
+def _baseline_key(settings: Settings, measuring: dict | None = None) -> str:
+    """What the baseline depends on: every setting but the controls (its images), and the measuring-only controls
+    it runs (its diagnostics)."""
     fields = {k: v for k, v in vars(settings).items() if k != "controls"}
-    return json.dumps(fields, sort_keys=True, default=str)
+    return json.dumps([fields, measuring or {}], sort_keys=True, default=str)
 
 
 def _write_json(path: str, report: dict) -> None:
@@ -138,10 +145,11 @@ def run_eval(suite_name: str, *, model: str | None = None, recipe: str | None = 
             set_scheduler(p, settings.scheduler, settings.scheduler_options)
             label = f" [{setting_label(point)}]" if swept else ""
             t0 = time.perf_counter()
-            bkey = _baseline_key(settings)
+            measure = filled is not None  # the baseline measures what the controlled run's controls report
+            bkey = _baseline_key(settings, suite.baseline_controls(settings, cases) if measure else None)
             if bkey not in baselines:
                 baselines[bkey] = _generate(suite, p, settings, cases, None, batch_size,
-                                            f"{suite_name} baseline", progress)
+                                            f"{suite_name} baseline", progress, measure=measure)
             base_scores, base_seconds = baselines[bkey]
             timings = {"baseline": base_seconds}
             ctrl_scores = None

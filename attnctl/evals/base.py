@@ -3,7 +3,8 @@
 A ``Suite`` gives cases (prompt, seed and whatever ground truth it needs: from a built-in set or from the
 lines of a ``--prompts`` file), may fill in control options per case from the caption (e.g. the shape nouns
 as Attend-and-Excite subjects), generates images and scores each one. ``run_eval`` runs every case twice, as
-the baseline (no controls) and with the recipe's controls, on the same seeds, batched; it prints the two side
+the baseline (no controls; only the suite's measuring-only ``baseline_controls``, which leave the images as they
+are) and with the recipe's controls, on the same seeds, batched; it prints the two side
 by side and returns one JSON report: ``{"suite", "model", "n", "baseline", "controlled",
 "delta_ci95", "rows", ...}`` where ``delta_ci95[m]`` is a paired bootstrap 95% interval of the mean of
 (controlled - baseline) over the rows that have metric ``m`` in both runs.
@@ -105,19 +106,34 @@ class Suite:
                 out[name] = self.fill(name, dict(options), case)
         return out
 
+    def baseline_controls(self, settings: Settings, cases: list[Case]) -> dict:
+        """Controls that only measure, run with the baseline's pipeline call for ``cases`` (one batch, as the
+        baseline batches them) so the baseline reports what the recipe's controls report on the controlled images
+        (e.g. Attend-and-Excite's attention readings): ``{name: options}`` as in a recipe, {} for none (default).
+        They must leave the images unchanged."""
+        return {}
+
     def generate(self, pipe, settings: Settings, cases: list[Case], controls: list | None) -> list[Any]:
         """Outputs for ``cases`` (one batched pipeline call; per-case seeded generators): uint8 images."""
+        return self.images_and_diagnostics(pipe, settings, cases, controls)[0]
+
+    def images_and_diagnostics(self, pipe, settings: Settings, cases: list[Case],
+                               controls: list | None) -> tuple[list[np.ndarray], dict]:
+        """``generate``'s uint8 images and the call's control diagnostics (``{control name: diagnostics}`` of
+        ``Session.last_run()``; {} without controls)."""
         from ..engine import apply
 
         gens = [torch.Generator("cpu").manual_seed(c.seed) for c in cases]
         prompts = [c.prompt for c in cases]
         kwargs = settings.call_kwargs()
+        diagnostics: dict = {}
         if controls:
-            with apply(pipe, controls):
+            with apply(pipe, controls) as session:
                 images = pipe(prompt=prompts, generator=gens, **kwargs).images
+                diagnostics = session.last_run().get("controls", {})
         else:
             images = pipe(prompt=prompts, generator=gens, **kwargs).images
-        return list((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        return list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), diagnostics
 
     def score(self, case: Case, output: Any) -> dict:
         """Metric values (None = not applicable to this row) and any extra per-row fields."""

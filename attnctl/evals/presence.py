@@ -5,9 +5,24 @@ shape missing altogether), ``binding_errors`` (a shape present in another named 
 prompts: 32 two-object and 12 three-object captions with distinct shapes, ``--seeds`` each (default 8: 352
 images). For controls that need subjects, the suite fills them in from the caption: Attend-and-Excite's
 ``subjects`` become the caption's shape nouns when the recipe leaves them out (or writes ``auto``).
+
+With an ``excite`` control the report also says what A&E did to the attention it maximises, so a run where it
+changes no image shows why. A&E's reading of subject j is m_j, the max over the grid of j's smoothed attention
+(``attnctl.controls.excite``); the weakest subject is the one with the smallest m_j, and 1 - min_j m_j is A&E's
+loss. Each row's ``baseline`` and ``controlled`` get ``excite``: ``{"max_attention": {subject: m_j},
+"weakest": subject, "weakest_max": min_j m_j, "refinement_iterations": n}`` (0 in the baseline), read at the last
+step of the excitation window (the last step A&E reads; before its first update both runs have the same latents, so
+the same readings). The controlled run's are A&E's own run metadata; the baseline's come from the same control in
+``measure_only`` mode (the same forward and readings, no latent change: the baseline images are those without it),
+run with the baseline's own batches. The report gets ``excite_attention``: for ``all`` rows, the rows
+``neglected`` in the baseline (some shape missing; plus ``fixed``: how many of them miss none with A&E) and those
+``still_neglected`` with A&E, each ``{"n", "baseline", "controlled", "delta", "delta_ci95"}`` (means of
+``weakest_max``; paired bootstrap 95% interval of the change, None without rows).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,7 +30,20 @@ from ..shapes.benchmark import prompt_set
 from ..shapes.data import COLOURS, SHAPES, parse_caption
 from ..shapes.detect import detect
 from ..shapes.validate import match
-from .base import Suite, seeded_cases
+from .base import Suite, paired_bootstrap, seeded_cases
+
+# ``excite`` options that only shape its latent update, not what it reads: the baseline's measurement leaves them
+# out, so a sweep over them shares one baseline.
+_UPDATE_ONLY = ("scale_factor", "scale_range", "thresholds", "max_refinement_steps")
+
+
+@dataclass
+class Output:
+    """A generated image and, with an ``excite`` control (or its measuring-only twin), its per-image A&E
+    diagnostics (one entry of the control's run metadata ``images``)."""
+
+    image: np.ndarray
+    excite: dict | None = None
 
 
 def crowds(n: int, k: int, seed: int) -> list[str]:
@@ -63,12 +91,86 @@ class PresenceSuite(Suite):
             options["subjects"] = subjects_of(case.prompt)
         return options
 
+    def baseline_controls(self, settings, cases):
+        """With an ``excite`` control: the same control, measuring only, with one subject list per case."""
+        options = settings.controls.get("excite")
+        if not isinstance(options, dict):
+            return {}
+        measuring = {k: v for k, v in options.items() if k not in _UPDATE_ONLY}
+        subjects = [self.fill("excite", dict(options), c).get("subjects") for c in cases]
+        if all(isinstance(s, list) and all(isinstance(w, str) for w in s) for s in subjects):
+            measuring["subjects"] = subjects
+        measuring["measure_only"] = True
+        return {"excite": measuring}
+
+    def generate(self, pipe, settings, cases, controls):
+        images, diagnostics = self.images_and_diagnostics(pipe, settings, cases, controls)
+        per_image = (diagnostics.get("excite") or {}).get("images")
+        if not per_image or len(per_image) != len(images):
+            return images
+        return [Output(image, entry) for image, entry in zip(images, per_image)]
+
     def score(self, case, output):
-        dets = detect(output)
+        image, excite = (output.image, output.excite) if isinstance(output, Output) else (output, None)
+        dets = detect(image)
         result = match(case.prompt, dets)
-        return {"all_present": float(result.all_present), "neglect_rate": float(result.neglect),
-                "binding_errors": float(result.binding_error), "status": result.status,
-                "detections": [[d.colour, d.shape] for d in dets]}
+        scores = {"all_present": float(result.all_present), "neglect_rate": float(result.neglect),
+                  "binding_errors": float(result.binding_error), "status": result.status,
+                  "detections": [[d.colour, d.shape] for d in dets]}
+        if excite is not None and excite.get("max_attention"):
+            scores["excite"] = weakest_subject(excite)
+        return scores
+
+    def summary(self, rows, controlled):
+        measured = [r for r in rows if "excite" in r["baseline"] and "excite" in (r.get("controlled") or {})]
+        if not controlled or not measured:
+            return {}
+        neglected = [r for r in measured if r["baseline"].get("neglect_rate")]
+        still = [r for r in neglected if r["controlled"].get("neglect_rate")]
+        return {"excite_attention": {
+            "all": _paired_means(measured),
+            "neglected": {**_paired_means(neglected), "fixed": len(neglected) - len(still)},
+            "still_neglected": _paired_means(still),
+        }}
+
+    def summary_lines(self, report):
+        block = report.get("excite_attention")
+        if not block:
+            return []
+
+        def line(label, stats):
+            if not stats["n"]:
+                return f"  {label} (0 rows)"
+            low, high = stats["delta_ci95"]
+            return (f"  {label} ({stats['n']} rows): {stats['baseline']:.3f} -> {stats['controlled']:.3f} "
+                    f"({stats['delta']:+.3f} [{low:+.3f}, {high:+.3f}])")
+
+        neglected = block["neglected"]
+        return ["A&E: the weakest subject's max attention at the end of the window, baseline -> controlled "
+                "(change [95% CI]):",
+                line("all", block["all"]),
+                line("neglected in the baseline", neglected) + f"; {neglected['fixed']} of {neglected['n']} "
+                "fixed (no shape missing with A&E)",
+                line("still neglected with A&E", block["still_neglected"])]
+
+
+def weakest_subject(entry: dict) -> dict:
+    """The row fields of one image's A&E diagnostics: every subject's reading, the weakest subject and its."""
+    maxima = dict(entry["max_attention"])
+    weakest = min(maxima, key=maxima.get)
+    return {"max_attention": maxima, "weakest": weakest, "weakest_max": maxima[weakest],
+            "refinement_iterations": int(entry.get("refinement_iterations", 0))}
+
+
+def _paired_means(rows: list[dict]) -> dict:
+    """Means of the rows' baseline and controlled ``weakest_max``, their difference and its paired 95% interval."""
+    base = [r["baseline"]["excite"]["weakest_max"] for r in rows]
+    ctrl = [r["controlled"]["excite"]["weakest_max"] for r in rows]
+    if not rows:
+        return {"n": 0, "baseline": None, "controlled": None, "delta": None, "delta_ci95": None}
+    b, c = float(np.mean(base)), float(np.mean(ctrl))
+    return {"n": len(rows), "baseline": b, "controlled": c, "delta": c - b,
+            "delta_ci95": paired_bootstrap(base, ctrl)}
 
 
 class CrowdedSuite(PresenceSuite):
@@ -87,4 +189,4 @@ class CrowdedSuite(PresenceSuite):
 SUITE = PresenceSuite()
 CROWDED = CrowdedSuite()
 
-__all__ = ["CROWDED", "SUITE", "crowds", "subjects_of", "triples"]
+__all__ = ["CROWDED", "SUITE", "Output", "crowds", "subjects_of", "triples", "weakest_subject"]
