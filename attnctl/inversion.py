@@ -5,8 +5,9 @@
 - UNet family (SD1.x/2.x): deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) on a ``DDIMScheduler``
   built from the pipeline's scheduler config (trailing spacing, so the first step sees t = 999).
   Regeneration must use that scheduler: ``Inversion.scheduler_in(pipe)`` swaps it in for the call.
-- SD3 / FLUX (flow matching): Euler inversion on the pipeline's own sigma schedule
-  (x_{s_hi} = x_{s_lo} - (s_lo - s_hi) v).
+- SD3 / FLUX / Chroma / FLUX.2 / Qwen-Image / Z-Image (flow matching): Euler inversion on the pipeline's own
+  sigma schedule (x_{s_hi} = x_{s_lo} - (s_lo - s_hi) v), shift ``mu`` included (the probe below runs the
+  pipeline's own ``set_timesteps``).
 
 Both are the same linear step run backwards. A sampling step is ``x_low = A x_high + B f(x_high, t)`` (DDIM: A, B
 from the alphas and the prediction type; Euler: A = 1, B = s_low - s_high), so inversion is
@@ -16,8 +17,14 @@ ReNoise / fixed-point inversion), which shrinks the approximation error.
 
 The denoiser is called with exactly the arguments the pipeline itself would pass (text embeddings, pooled
 projections, FLUX's ids and guidance, ...): a probe call of the pipeline records them at its first denoiser
-call and stops. So no family-specific conditioning code lives here; only the VAE encoding differs (SD3/FLUX
-shift the latents, FLUX packs them into 2x2 tokens).
+call and stops. So no family-specific conditioning code lives here. What differs by family is declared by its
+adapter (``attnctl.adapters.base.Adapter``, "real images"): how an image becomes the pipeline's ``latents=``
+(``encode_image``: the exact inverse of the normalisation its decode path undoes: SD3/FLUX/Z-Image shift and
+scale, FLUX.2 patchifies and batch-norm normalises, Qwen-Image normalises per channel, FLUX/Qwen-Image pack 2x2
+tokens), how those latents reach the denoiser (``pack_latents``: FLUX.2 packs them inside the pipeline), the
+denoiser's batch view (Z-Image's per-row lists), its timestep (``timestep_offset``/``timestep_scale``), the sign
+the scheduler steps on (Z-Image negates the prediction) and the guidance argument that gives the conditional
+prediction alone (``inversion_guidance``).
 
 Quality fix under classifier-free guidance (``fix``): inversion follows the conditional prediction, but
 regeneration with CFG w > 1 drifts away from it. ``negative-prompt`` (Miyake et al. 2023, "Negative-prompt
@@ -27,7 +34,9 @@ other rows (an edit's targets) keep ordinary CFG with the caller's negative prom
 Inversion also gives the targets the source prompt as negative; on ShapesWorld that extrapolates away from the
 source's shape too (a red circle edited to blue came out as blue star fragments; with the empty negative it came
 out a blue circle in the source's box). ``none`` keeps the user's negative prompt (no fix).
-Guidance-distilled FLUX has no CFG batch and needs no fix.
+Guidance-distilled FLUX has no CFG batch and needs no fix. Qwen-Image's CFG is true CFG (``true_cfg_scale``, default
+4 in its pipeline, with a negative prompt): the fix's negative prompts switch it on at that scale; the source row's
+guided prediction is its conditional one all the same.
 
 Image input: PIL images, uint8 arrays (H, W, 3) or float arrays / tensors in [0, 1]. Any PIL mode is converted
 to RGB (alpha is composited on white). An image whose size differs from the requested ``height`` x ``width``
@@ -38,16 +47,17 @@ to RGB (alpha is composited on white). An image whose size differs from the requ
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .adapters import adapter_for
-from .errors import ControlError
+from .errors import AttnctlError, ControlError
 
 FIXES = ("negative-prompt", "none")
 
@@ -55,7 +65,8 @@ FIXES = ("negative-prompt", "none")
 @dataclass
 class Inversion:
     """An inverted image. ``latents``: the initial latent in the pipeline's own format (1, ...), i.e. what the
-    pipeline's ``latents=`` argument takes ((1, C, h, w); FLUX: packed (1, h*w/4, 4C)).
+    pipeline's ``latents=`` argument takes ((1, C, h, w); FLUX, Qwen-Image: packed (1, h*w/4, 4C); FLUX.2:
+    patchified (1, 4C, h/2, w/2)).
 
     ``generate_kwargs(prompts)`` gives the pipeline-call arguments that regenerate it (one row per prompt, all
     starting from the same latent); run the call inside ``scheduler_in(pipe)``.
@@ -71,6 +82,9 @@ class Inversion:
     scheduler: object | None = None
     call_kwargs: dict = field(default_factory=dict)
     image: np.ndarray | None = None  # the (resized) input, uint8 (H, W, 3)
+    # negatives (one per row) -> the call arguments that set them, None where the call runs no CFG (the adapter's
+    # ``negative_prompt_args``); unset: ``negative_prompt=negatives``
+    negative_args: Callable[[list[str]], dict | None] | None = None
 
     def generate_kwargs(self, prompts: list[str] | None = None) -> dict:
         prompts = [self.prompt] if prompts is None else list(prompts)
@@ -82,7 +96,9 @@ class Inversion:
             other = kwargs.pop("negative_prompt", None) or ""
             if not isinstance(other, str):
                 raise ControlError("inversion: give one negative prompt string for the rows other than the source")
-            kwargs["negative_prompt"] = [self.prompt if p == self.prompt else other for p in prompts]
+            negatives = [self.prompt if p == self.prompt else other for p in prompts]
+            args = {"negative_prompt": negatives} if self.negative_args is None else self.negative_args(negatives)
+            kwargs.update(args or {})
         return kwargs
 
     @contextlib.contextmanager
@@ -114,7 +130,12 @@ def native_size(pipe) -> tuple[int, int]:
     if unet is not None:
         size = unet.config.sample_size
     else:
-        size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+        size = getattr(pipe, "default_sample_size", None) or getattr(pipe.transformer.config, "sample_size", None)
+        if size is None:  # the pipeline hard-codes its default (Z-Image: 1024), declared by the adapter
+            pixels = adapter_for(pipe).native_pixels
+            if pixels is None:
+                raise ControlError(f"{type(pipe).__name__}: no default image size found; pass height and width")
+            return int(pixels), int(pixels)
     size = size if isinstance(size, int) else size[0]
     return int(size) * factor, int(size) * factor
 
@@ -164,18 +185,21 @@ def load_image(image, height: int, width: int, *, resize: bool = True) -> np.nda
 
 
 def encode_image(pipe, image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> the pipeline's latent format (posterior mean; SD3/FLUX shifted; FLUX packed)."""
+    """uint8 (H, W, 3) -> the pipeline's ``latents=`` format (the posterior mean, normalised and packed as the
+    family's adapter declares: ``Adapter.encode_image``)."""
     vae = pipe.vae
     device, dtype = vae.device, vae.dtype
     x = torch.from_numpy(image).to(device=device, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
     with torch.no_grad():
-        latents = vae.encode(x.to(dtype)).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = (latents - shift) * vae.config.scaling_factor
-    if hasattr(pipe, "_pack_latents"):  # FLUX: 2x2 patches as tokens
-        b, c, h, w = latents.shape
-        latents = pipe._pack_latents(latents, b, c, h, w)
-    return latents
+        return adapter_for(pipe).encode_image(pipe, x.to(dtype))
+
+
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Latents in the pipeline's ``latents=`` format -> float images (B, H, W, 3) in [0, 1], by the pipeline's own
+    decode path (``Adapter.decode_latents``)."""
+    with torch.no_grad():
+        pixels = adapter_for(pipe).decode_latents(pipe, latents.to(pipe.vae.dtype), height, width)
+    return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class _Probed(Exception):
@@ -204,6 +228,14 @@ def probe(pipe, prompt: str, steps: int, guidance_scale: float, latents: torch.T
              output_type="latent", **call_kwargs)
     except _Probed:
         pass
+    except AttnctlError:
+        raise
+    except Exception as exc:  # the pipeline could not make the call: say what inversion asked of it
+        raise ControlError(
+            f"inversion: {type(pipe).__name__} failed before its first denoiser call ({type(exc).__name__}: {exc}). "
+            "Inversion makes a text-to-image call of the pipeline (the prompt and the image's latents, no input "
+            "image): pipelines that need an input image (img2img, inpainting, Qwen-Image-Edit) cannot be inverted "
+            "through") from exc
     finally:
         handle.remove()
     if not captured:
@@ -267,9 +299,10 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
     adapter = adapter_for(pipe)
     if adapter.inversion_unsupported:  # the adapter says why this family's latents cannot be inverted here
         raise ControlError(f"inversion does not support the {adapter.family} family: {adapter.inversion_unsupported}")
-    default_h, default_w = native_size(pipe)
-    height, width = height or default_h, width or default_w
-    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * (2 if hasattr(pipe, "_pack_latents") else 1)
+    if not (height and width):
+        default_h, default_w = native_size(pipe)
+        height, width = height or default_h, width or default_w
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * adapter.latent_patch
     if height % multiple or width % multiple:
         raise ControlError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
     pixels = load_image(image, height, width, resize=resize)
@@ -279,10 +312,9 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
     if getattr(pipe, "unet", None) is not None:
         scheduler = _ddim_scheduler(pipe)
     with use_scheduler(pipe, scheduler):
-        # Conditional prediction only (guidance 1 for CFG pipelines; FLUX keeps its distilled guidance value).
-        probe_guidance = guidance_scale if adapter.family == "flux" else 1.0
-        params, timesteps, sigmas = probe(pipe, prompt, steps, probe_guidance, clean.clone(), height=height,
-                                          width=width, **call_kwargs)
+        # Conditional prediction only (CFG off; a guidance-distilled model keeps its guidance value).
+        params, timesteps, sigmas = probe(pipe, prompt, steps, adapter.inversion_guidance(pipe, guidance_scale),
+                                          clean.clone(), height=height, width=width, **call_kwargs)
         if scheduler is not None:
             coefficients = _ddim_coefficients(scheduler, steps)
         else:
@@ -291,21 +323,28 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
                                    "inversion needs FlowMatchEulerDiscreteScheduler")
             coefficients = _flow_coefficients(sigmas, timesteps)
     denoiser = adapter.denoiser(pipe)
-    template = params.get("timestep")
+    params = adapter.to_batch(params)  # the engine's batch view (Z-Image: its per-row lists as one batch)
+    seen = params[adapter.latent_arg]
+    packed = adapter.pack_latents(pipe, clean)
+    if tuple(seen.shape) != tuple(packed.shape):
+        raise ControlError(f"inversion: {type(pipe).__name__} passes its denoiser latents of shape {tuple(seen.shape)} "
+                           f"for an image whose latents are {tuple(packed.shape)} (reference-image or other extra "
+                           "latents in the call); inversion supports text-to-image calls")
+    template = params.get(adapter.timestep_arg)
 
     def predict(x: torch.Tensor, t: float) -> torch.Tensor:
         args = dict(params)
-        args[adapter.latent_arg] = x.to(params[adapter.latent_arg].dtype)
-        value = t / adapter.timestep_scale
+        args[adapter.latent_arg] = x.to(seen.dtype)
+        value = (t - adapter.timestep_offset) / adapter.timestep_scale  # what the pipeline passes for timestep t
         if isinstance(template, torch.Tensor):
-            args["timestep"] = torch.full_like(template, value)
+            args[adapter.timestep_arg] = torch.full_like(template, value)
         else:
-            args["timestep"] = value
-        out = denoiser(**args)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-        return out.float()
+            args[adapter.timestep_arg] = value
+        out = denoiser(**adapter.from_batch(args))
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        return adapter.velocity_sign * adapter.sample_to_batch(out).float()
 
-    x = clean.float()
+    x = packed.float()
     with torch.no_grad():
         for t, a, b in reversed(coefficients):
             low = x
@@ -313,8 +352,11 @@ def invert(pipe, image, prompt: str, steps: int = 25, *, guidance_scale: float =
             for _ in range(refine):
                 high = (low - b * predict(high, t)) / a
             x = high
-    return Inversion(latents=x.to(clean.dtype), prompt=prompt, steps=steps, guidance_scale=guidance_scale, fix=fix,
-                     height=height, width=width, scheduler=scheduler, call_kwargs=dict(call_kwargs), image=pixels)
+    latents = adapter.unpack_latents(pipe, x, clean)
+    return Inversion(latents=latents.to(clean.dtype), prompt=prompt, steps=steps, guidance_scale=guidance_scale,
+                     fix=fix, height=height, width=width, scheduler=scheduler, call_kwargs=dict(call_kwargs),
+                     image=pixels, negative_args=functools.partial(adapter.negative_prompt_args, pipe,
+                                                                   call_kwargs=dict(call_kwargs)))
 
 
 def regenerate(pipe, inversion: Inversion, prompts: list[str] | None = None, **overrides):
@@ -339,5 +381,5 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-__all__ = ["FIXES", "Inversion", "encode_image", "invert", "load_image", "native_size", "psnr", "regenerate",
-           "use_scheduler"]
+__all__ = ["FIXES", "Inversion", "decode_latents", "encode_image", "invert", "load_image", "native_size", "psnr",
+           "regenerate", "use_scheduler"]

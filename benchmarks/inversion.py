@@ -1,8 +1,8 @@
 """Reconstruction PSNR of inversion on ShapesWorld renders: invert a ground-truth render under its caption,
 regenerate, compare (and the VAE alone, the ceiling). ``python benchmarks/inversion.py --model shapes-dit``.
 
-UNet models: DDIM inversion with and without the negative-prompt fix; SD3/FLUX: flow-matching Euler inversion
-with and without fixed-point refinement. Writes ``--json`` with every per-image value.
+UNet models: DDIM inversion with and without the negative-prompt fix; flow-matching models (SD3, FLUX, FLUX.2,
+Qwen-Image, Z-Image, ...): Euler inversion with and without fixed-point refinement. Writes ``--json`` with every per-image value.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import json
 import time
 
 import numpy as np
-import torch
 
 import attnctl
-from attnctl.inversion import encode_image, invert, psnr, regenerate
+from attnctl.inversion import decode_latents, encode_image, invert, psnr, regenerate
 from attnctl.shapes.data import make_dataset
 
 
@@ -37,13 +36,10 @@ def main() -> None:
     variants = {"refine=0": dict(refine=0), "refine=3": dict(refine=3)} if flow else {
         "negative-prompt fix": dict(fix="negative-prompt"), "no fix": dict(fix="none")}
     vae = []
-    config = pipe.vae.config
-    for image in images:
-        latents = encode_image(pipe, image)
-        with torch.no_grad():
-            decoded = pipe.vae.decode(latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0),
-                                      return_dict=False)[0]
-        vae.append(psnr(image, _uint8((decoded[0].permute(1, 2, 0).detach().float().numpy() + 1) / 2)))
+    size = int(images[0].shape[0])
+    for image in images:  # the VAE alone: the image encoded, then decoded by the pipeline's own decode path
+        decoded = decode_latents(pipe, encode_image(pipe, image), size, size)
+        vae.append(psnr(image, _uint8(decoded[0])))
     report = {"model": args.model, "n": args.n, "steps": args.steps, "guidance_scale": args.guidance_scale,
               "vae_psnr": {"mean": float(np.mean(vae)), "values": [round(v, 2) for v in vae]}, "variants": {}}
     for name, kwargs in variants.items():

@@ -334,11 +334,22 @@ def test_selector_naming_a_block_flux2_lacks(pipe):
             pass
 
 
-def test_inversion_is_refused_naming_the_family(pipe):
-    from attnctl.inversion import invert
+def test_editing_a_real_image_runs_end_to_end(pipe):
+    """``edit`` of a real image: inverted through the adapter's encoding (patchify, batch-norm statistics, the
+    pipeline's (B, 4C, h/2, w/2) ``latents=``), then source and target generated from it under the edit control,
+    CFG 4 with the negative-prompt fix ([klein] takes no ``negative_prompt``: it gets ``negative_prompt_embeds``).
+    The source row is the plain regeneration of the inverted image."""
+    from attnctl.editing import edit
+    from attnctl.inversion import regenerate
 
-    with pytest.raises(ControlError, match="flux2 family"):
-        invert(pipe, reference_image(size=32), "a red circle", steps=2)
+    result = edit(pipe, "a red circle", "a blue circle", image=reference_image(size=32), steps=3,
+                  guidance_scale=4.0, height=32, width=32, max_sequence_length=32)
+    assert result.inversion.latents.shape == (1, 16, 8, 8)
+    source, target = np.asarray(result.source, dtype=int), np.asarray(result.target, dtype=int)
+    assert source.shape == target.shape == (32, 32, 3) and np.abs(target - source).max() > 0
+    plain = regenerate(pipe, result.inversion, ["a red circle", "a blue circle"], output_type="pil").images
+    assert np.abs(source - np.asarray(plain[0], dtype=int)).max() <= 1
+    assert result.inversion.generate_kwargs(["a red circle", "a blue circle"])["negative_prompt_embeds"].shape[0] == 2
 
 
 def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):

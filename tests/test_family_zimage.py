@@ -389,11 +389,24 @@ def test_selectors_and_controls_this_family_lacks_are_clear_errors(pipe):
             pass
 
 
-def test_inversion_is_refused_naming_the_family(pipe):
-    from attnctl.inversion import invert
+def test_editing_a_real_image_runs_end_to_end(pipe):
+    """``edit`` of a real image: inverted through the adapter (the VAE's shift and scale, the transformer's per-row
+    lists, its timestep (1000 - t) / 1000 and negated prediction), then source and target generated from it under
+    the edit control in one [cond; uncond] batch with the negative-prompt fix. The source row is the plain
+    regeneration of the inverted image."""
+    import numpy as np
 
-    with pytest.raises(ControlError, match="zimage family"):
-        invert(pipe, torch.zeros(32, 32, 3), "a red circle", steps=2, height=32, width=32)
+    from attnctl.editing import edit
+    from attnctl.inversion import regenerate
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    result = edit(pipe, "a red circle", "a blue circle", image=image, steps=3, guidance_scale=4.0, height=32,
+                  width=32, max_sequence_length=64)
+    assert result.inversion.latents.shape == (1, 4, 16, 16)
+    source, target = np.asarray(result.source, dtype=int), np.asarray(result.target, dtype=int)
+    assert source.shape == target.shape == (32, 32, 3) and np.abs(target - source).max() > 0
+    plain = regenerate(pipe, result.inversion, ["a red circle", "a blue circle"], output_type="pil").images
+    assert np.abs(source - np.asarray(plain[0], dtype=int)).max() <= 1
 
 
 def test_omni_calls_are_a_layout_error(pipe):

@@ -136,9 +136,17 @@ class Adapter:
     tail_attrs: tuple[str, ...] = ()
     block_unbatched_args: frozenset[str] = frozenset()
     late_rows_blockers: frozenset[str] = frozenset()
-    # Why ``attnctl.inversion`` cannot encode a real image into this family's latents ("" = it can): said by the
-    # inversion error and by recipe validation of an ``edit`` with ``image:``.
+    # Why ``attnctl.inversion`` cannot invert a real image in this family ("" = it can): said by the inversion
+    # error and by recipe validation of an ``edit`` with ``image:``. What inversion needs of a family is declared
+    # in the "real images" section below.
     inversion_unsupported: str = ""
+    # Real images (``attnctl.inversion``): the scheduler steps on ``velocity_sign`` times the denoiser's output
+    # (Z-Image's pipeline negates it); the latent grid is ``latent_patch`` x ``latent_patch`` VAE pixels per
+    # token (2 where latents are packed or patchified into 2x2 tokens); ``native_pixels`` is the default image
+    # side where the pipeline declares no ``default_sample_size`` and its denoiser no ``sample_size``.
+    velocity_sign: float = 1.0
+    latent_patch: int = 1
+    native_pixels: int | None = None
 
     # -- discovery -------------------------------------------------------------------------------------------
     @classmethod
@@ -327,6 +335,54 @@ class Adapter:
         (``with_text``), without the image tokens' update. None where the block (or its processor) is not one
         this adapter knows how to split: run the whole block."""
         return None
+
+    # -- real images (attnctl.inversion) ----------------------------------------------------------------------
+    # How the family's pipelines turn the VAE's latents into what their ``latents=`` argument takes, and back.
+    # ``denormalize_latents`` is what the pipeline does between its denoising loop and ``vae.decode``;
+    # ``normalize_latents`` is its exact inverse, so an encoded image is a latent the pipeline would decode to it.
+    # The base class is Stable Diffusion's and SD3's: ``z / scaling_factor + shift_factor`` before decoding.
+    def normalize_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (the posterior mean ``vae.encode`` gives) -> the pipeline's ``latents=`` format."""
+        config = pipe.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (latents - shift) * config.scaling_factor
+
+    def denormalize_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``normalize_latents``' inverse, as the pipeline computes it before ``vae.decode`` (``height``/``width``:
+        the image in pixels, for families whose latents are packed into tokens)."""
+        config = pipe.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return latents / config.scaling_factor + shift
+
+    def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] (the VAE's device and dtype) -> latents in the pipeline's ``latents=``
+        format: the posterior mean of ``vae.encode``, normalised."""
+        return self.normalize_latents(pipe, pipe.vae.encode(pixels).latent_dist.mean)
+
+    def decode_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents in the pipeline's ``latents=`` format -> images (B, 3, H, W) in [-1, 1], by the pipeline's
+        decode path (``denormalize_latents``, then ``vae.decode``)."""
+        return pipe.vae.decode(self.denormalize_latents(pipe, latents, height, width), return_dict=False)[0]
+
+    def pack_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's ``latents=`` format -> the denoiser's ``latent_arg`` in the engine's batch view (what the
+        pipeline passes its denoiser for those latents; the identity where the two are the same)."""
+        return latents
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``pack_latents``' inverse; ``like``: a tensor in the ``latents=`` format with the wanted shape."""
+        return packed
+
+    def inversion_guidance(self, pipe, guidance_scale: float) -> float | None:
+        """The ``guidance_scale`` argument under which the pipeline's denoiser calls give the conditional prediction
+        alone (inversion follows it): 1.0 turns CFG off in most pipelines; a guidance-distilled model keeps the
+        scale, which its denoiser takes as an input."""
+        return 1.0
+
+    def negative_prompt_args(self, pipe, negatives: list[str], call_kwargs: dict) -> dict | None:
+        """Pipeline-call arguments that give row i the negative prompt ``negatives[i]`` (inversion's negative-prompt
+        fix; ``call_kwargs``: the call's other arguments), or None where the pipeline runs no CFG for it to act on."""
+        return {"negative_prompt": negatives}
 
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------
     # The branches of a CFG batch's two halves, in order (``attnctl.layouts.cfg_batch``).

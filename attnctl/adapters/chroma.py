@@ -53,5 +53,8 @@ class ChromaAdapter(FluxAdapter):
     def _context_emb(self, block, temb):
         return temb[:, 6:]  # ChromaTransformerBlock: [image modulation (6); text modulation (6)]
 
+    def inversion_guidance(self, pipe, guidance_scale):
+        return 1.0  # real CFG, no guidance embedding: 1.0 runs the cond call alone
+
 
 __all__ = ["ChromaAdapter"]

@@ -168,3 +168,18 @@ class FluxAdapter(Adapter):
 
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer_2, 0, None)]
+
+    # -- real images: the VAE's latents shifted and scaled, then packed as 2x2 patches per token ----------------
+    latent_patch = 2
+
+    def normalize_latents(self, pipe, latents):
+        latents = super().normalize_latents(pipe, latents)
+        b, c, h, w = latents.shape
+        return pipe._pack_latents(latents, b, c, h, w)
+
+    def denormalize_latents(self, pipe, latents, height, width):
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return super().denormalize_latents(pipe, latents, height, width)
+
+    def inversion_guidance(self, pipe, guidance_scale):
+        return guidance_scale  # guidance-distilled: the denoiser takes the scale; no CFG batch to turn off

@@ -21,9 +21,16 @@ blocks, in front of the image and reference tokens in the joined input of the si
 Calls: ``Flux2Pipeline`` is guidance-distilled (one cond call per step); ``Flux2KleinPipeline`` runs CFG as a
 second call inside ``transformer.cache_context("uncond")`` when ``guidance_scale > 1`` and not distilled, the
 layout FLUX's true CFG has, so the call kinds are FLUX's.
+
+Inversion of a real image (``attnctl.inversion``): the pipeline's ``latents=`` is the VAE's latents patchified 2x2 and
+normalised by the VAE's batch-norm statistics, (B, 4C, h/2, w/2), which the pipeline packs into tokens; the adapter
+declares that encoding, its inverse (the pipeline's decode path) and the packing. [klein] has no ``negative_prompt``
+argument, so the negative-prompt fix passes ``negative_prompt_embeds``; [dev] is guidance-distilled (no CFG).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -43,11 +50,6 @@ class Flux2Adapter(FluxAdapter):
     single_class = "diffusers.models.transformers.transformer_flux2:Flux2ParallelSelfAttention"
     late_rows_blockers = frozenset()
     call_plans = ()
-    # attnctl.inversion encodes images the FLUX/SD3 way (shift, scale, 2x2 packing); FLUX.2's VAE patchifies and
-    # normalises by batch-norm statistics, and its pipelines take unpacked latents: not implemented.
-    inversion_unsupported = ("FLUX.2 latents are patchified and batch-norm normalised by its VAE, which attnctl's "
-                             "image encoding does not implement; edit by prompt without an inverted image "
-                             "(or FLUX.2's own reference-image conditioning)")
 
     def module_class(self):
         return (import_path(self.attention_class), import_path(self.single_class))
@@ -173,6 +175,53 @@ class Flux2Adapter(FluxAdapter):
             return after
 
         return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish)
+
+    # -- real images ---------------------------------------------------------------------------------------------
+    # Before ``vae.decode`` the pipeline scatters its tokens back to a (B, 4C, h/2, w/2) grid, undoes the VAE's
+    # batch-norm normalisation (``bn.running_mean``, ``sqrt(bn.running_var + batch_norm_eps)``, one value per
+    # patchified channel) and unpatchifies 2x2; its ``latents=`` argument is that normalised, patchified grid,
+    # which ``prepare_latents`` packs into (B, h/2 * w/2, 4C) tokens. Encoding is the pipeline's own
+    # ``_encode_vae_image``: patchify, then normalise.
+    def _bn_stats(self, pipe, like):
+        bn = pipe.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def normalize_latents(self, pipe, latents):
+        latents = pipe._patchify_latents(latents)
+        mean, std = self._bn_stats(pipe, latents)
+        return (latents - mean) / std
+
+    def denormalize_latents(self, pipe, latents, height, width):
+        mean, std = self._bn_stats(pipe, latents)
+        return pipe._unpatchify_latents(latents * std + mean)
+
+    def pack_latents(self, pipe, latents):
+        return pipe._pack_latents(latents)
+
+    def unpack_latents(self, pipe, packed, like):
+        b, c, h, w = like.shape
+        return packed.permute(0, 2, 1).reshape(packed.shape[0], c, h, w)
+
+    def inversion_guidance(self, pipe, guidance_scale):
+        """FLUX.2 [dev] embeds the guidance scale (no CFG); [klein] runs CFG as a second call when the scale is
+        above 1 and has no guidance embedding."""
+        return guidance_scale if pipe.transformer.config.guidance_embeds else 1.0
+
+    def negative_prompt_args(self, pipe, negatives, call_kwargs):
+        """[dev] runs no CFG (None). [klein] takes no ``negative_prompt`` (its CFG call encodes ""), only
+        ``negative_prompt_embeds``: the negatives encoded by the pipeline's own ``encode_prompt`` with the call's
+        ``max_sequence_length`` and ``text_encoder_out_layers`` (the class's method: attnctl wraps the instance's
+        to see a call's own prompts)."""
+        if pipe.transformer.config.guidance_embeds:
+            return None
+        if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+            return super().negative_prompt_args(pipe, negatives, call_kwargs)
+        options = {k: call_kwargs[k] for k in ("max_sequence_length", "text_encoder_out_layers") if k in call_kwargs}
+        with torch.no_grad():
+            embeds = type(pipe).encode_prompt(pipe, prompt=list(negatives), device=pipe._execution_device, **options)[0]
+        return {"negative_prompt_embeds": embeds}
 
     def text_segments(self, pipe):
         """The prompt's tokens start after the chat turn's prefix the pipeline renders around it."""

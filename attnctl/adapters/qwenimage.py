@@ -21,6 +21,11 @@ and so is a second text encoded without them (the ``nag`` control's negative pro
 A second text stream (``nag``) keeps its own length, as a prompt does here (the pipeline trims a prompt batch to
 its longest real text and masks the rest): its text RoPE is the transformer's for that length beside the call's
 image grids, its padding a key mask.
+
+Inversion of a real image (``attnctl.inversion``): the image is one frame of the causal video VAE
+(``AutoencoderKLQwenImage``), its latents normalised per channel by the config's ``latents_mean``/``latents_std`` and
+packed 2x2 into the tokens the pipeline's ``latents=`` takes; the adapter declares that encoding and its inverse
+(the pipeline's decode path). Qwen-Image-Edit's pipelines need their input image and are not inverted.
 """
 
 from __future__ import annotations
@@ -48,9 +53,6 @@ class QwenImageAdapter(Adapter):
     block_unbatched_args = frozenset({"image_rotary_emb"})  # (image freqs, text freqs) per token, shared by rows
     late_rows_blockers = frozenset({"controlnet_block_samples"})
     layout_kinds = (layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
-    inversion_unsupported = ("its VAE (AutoencoderKLQwenImage) normalises latents per channel (latents_mean, "
-                             "latents_std), not by one scaling_factor, and attnctl cannot encode a real image into "
-                             "its latent space yet; edit generated images (an edit without `image:`) instead")
 
     def kind_of(self, module):
         return "joint"
@@ -111,6 +113,43 @@ class QwenImageAdapter(Adapter):
             offset = len(tokenizer(prefix, add_special_tokens=False).input_ids) - dropped
         return [TextSegment(tokenizer, offset, None)]
 
+    # -- real images ---------------------------------------------------------------------------------------------
+    # ``AutoencoderKLQwenImage`` is a causal video VAE: images are one frame, (B, 3, 1, H, W) in and out. Before
+    # ``vae.decode`` the pipeline unpacks its (B, h/2 * w/2, 4C) tokens to (B, C, 1, h, w) and undoes a per-channel
+    # normalisation, ``z * latents_std + latents_mean`` (its config's lists); its ``latents=`` argument is the packed
+    # tokens themselves, so the denoiser sees them as given.
+    latent_patch = 2
+
+    def _channel_stats(self, pipe, like):
+        config = pipe.vae.config
+        shape = (1, config.z_dim) + (1,) * (like.ndim - 2)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def normalize_latents(self, pipe, latents):
+        if latents.ndim == 5:  # (B, C, 1, h, w): the single frame of an image
+            latents = latents[:, :, 0]
+        mean, std = self._channel_stats(pipe, latents)
+        latents = (latents - mean) / std
+        b, c, h, w = latents.shape
+        return pipe._pack_latents(latents, b, c, h, w)
+
+    def denormalize_latents(self, pipe, latents, height, width):
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # (B, C, 1, h, w)
+        mean, std = self._channel_stats(pipe, latents)
+        return latents * std + mean
+
+    def encode_image(self, pipe, pixels):
+        return self.normalize_latents(pipe, pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mean)
+
+    def decode_latents(self, pipe, latents, height, width):
+        return super().decode_latents(pipe, latents, height, width)[:, :, 0]
+
+    def inversion_guidance(self, pipe, guidance_scale):
+        """Qwen-Image's CFG is ``true_cfg_scale`` with a negative prompt, off without one; ``guidance_scale`` is for
+        guidance-distilled checkpoints only (None otherwise, which the pipeline expects)."""
+        return guidance_scale if pipe.transformer.config.guidance_embeds else None
 
     # -- a second text stream (the ``nag`` control) ---------------------------------------------------------
     text_stream = True

@@ -35,8 +35,11 @@ denoiser call and runs beside the prompt's in the main layers, where a block's i
 caption]. Its main-layer positions are shifted so that it ends where the call's own caption ends (the image
 tokens' positions follow the call's caption): the relative positions of a call of the negative prompt.
 
-Not supported: Z-Image-Omni's calls (``x`` a list of image lists with SigLIP features: a clear error), inversion
-of a real image (the Z-Image VAE's shift and scaling are not wired into ``attnctl.inversion``). A pipeline call
+Inversion of a real image (``attnctl.inversion``): the VAE's latents shifted and scaled as the pipeline's decode
+path undoes, the list calls through ``to_batch``/``from_batch``, the timestep through ``timestep_offset``/``scale``
+and the prediction negated as the pipeline does before its scheduler step (``velocity_sign``).
+
+Not supported: Z-Image-Omni's calls (``x`` a list of image lists with SigLIP features: a clear error). A pipeline call
 given ``prompt_embeds`` without a prompt never calls ``encode_prompt``: it starts at ``prepare_latents``
 (``call_start_methods``) with its prompts unknown, so its CFG batch is read from ``do_classifier_free_guidance``
 alone (a ``cfg_truncation`` step then needs an odd row count or prompts to be told apart) and word-level controls
@@ -87,9 +90,12 @@ class ZImageAdapter(Adapter):
     cfg_order = ("cond", "uncond")
     call_start_methods = ("prepare_latents",)  # given prompt_embeds without a prompt, no encode_prompt runs
     layout_kinds = (layouts.CFG_BATCH, layouts.COND_BATCH, layouts.UNCOND_CALL, layouts.OUTSIDE)
-    inversion_unsupported = ("Z-Image latents are shifted and scaled by its VAE and its transformer takes per-row "
-                             "lists, which attnctl's inversion does not implement; edit by prompt without an "
-                             "inverted image")
+    # Real images: the VAE is FLUX.1's kind, decoded after ``z / scaling_factor + shift_factor`` (the base class's
+    # normalisation); ``latents=`` is that (B, C, H, W) grid, which the transformer patchifies 2x2 itself. The
+    # pipeline steps on the negated prediction and has no ``default_sample_size``: it defaults to 1024 pixels.
+    velocity_sign = -1.0
+    latent_patch = 2
+    native_pixels = 1024
 
     def sites(self, denoiser):
         """The image refiner's (``self``) and the main layers' (``single``) attention modules in model order; the
@@ -176,6 +182,9 @@ class ZImageAdapter(Adapter):
         if call.cfg and not (call.samples is not None and call.rows == call.samples):
             return layouts.CFG_BATCH
         return layouts.COND_BATCH
+
+    def inversion_guidance(self, pipe, guidance_scale):
+        return 0.0  # ZImagePipeline runs CFG whenever guidance_scale > 0
 
     def text_segments(self, pipe):
         """The prompt's tokens start after the chat turn's prefix the pipeline renders around it."""
