@@ -71,12 +71,14 @@ def edit(pipe, source_prompt: str, target_prompt: str, *, image=None, seed: int 
         with control.suspended():  # inside `attnctl run` the control is already applied
             inversion = invert(pipe, image, source_prompt, steps, guidance_scale=guidance_scale, height=height,
                                width=width, **(inversion_options or {}), **call_kwargs)
+        # the inversion holds ``call_kwargs`` already, merged with its null-text fix (the source row's negative
+        # prompt is the source prompt): updating with them again would undo that fix
         kwargs = inversion.generate_kwargs(prompts)
         scheduler = inversion.scheduler
     else:
         kwargs = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
                       width=width, generator=[torch.Generator("cpu").manual_seed(seed) for _ in prompts])
-    kwargs.update(call_kwargs)
+        kwargs.update(call_kwargs)
     kwargs.setdefault("output_type", "pil")
     with use_scheduler(pipe, scheduler):
         if apply_controls:

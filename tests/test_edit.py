@@ -213,6 +213,23 @@ def test_shapes_real_image_edit(shapes):
     assert tgt.colour == "blue" and _iou(tgt.box, (0.3, 0.3, 0.7, 0.7)) >= 0.7
 
 
+def test_real_image_edit_keeps_the_inversion_fix_when_a_negative_prompt_is_passed(shapes):
+    """The null-text fix gives the source row the source prompt as its negative; a ``negative_prompt`` passed
+    to ``edit`` is for the other rows only and must not replace the fix (it used to, after the inversion)."""
+    from attnctl.editing import edit
+    from attnctl.shapes.data import ShapeObject, Scene, render
+
+    image = render(Scene((ShapeObject("red", "circle", (0.3, 0.3, 0.7, 0.7)),), "a red circle"))
+    plain = edit(shapes, "a red circle", "a blue circle", image=image, steps=4, guidance_scale=4.5)
+    given = edit(shapes, "a red circle", "a blue circle", image=image, steps=4, guidance_scale=4.5,
+                 negative_prompt="")
+    assert np.array_equal(np.asarray(plain.source), np.asarray(given.source))
+    other = edit(shapes, "a red circle", "a blue circle", image=image, steps=4, guidance_scale=4.5,
+                 negative_prompt="a green square")
+    assert np.array_equal(np.asarray(plain.source), np.asarray(other.source))
+    assert not np.array_equal(np.asarray(plain.target), np.asarray(other.target))
+
+
 def test_run_writes_source_target_and_mask(tmp_path, shapes):
     import json
 
