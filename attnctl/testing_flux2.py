@@ -1,4 +1,4 @@
-"""Small random FLUX.2 pipelines, built offline: [klein] (``tiny:flux2``) and [dev] (``tiny:flux2-dev``).
+"""Small random FLUX.2 pipelines, built offline: [klein] (``tiny:flux2``), [dev] (``tiny:flux2-dev``), [klein] KV.
 
 ``Flux2KleinPipeline`` (diffusers' pipeline for FLUX.2 [klein]): a Qwen3 causal LM whose hidden states at three
 layers are stacked into the prompt embeddings, the FLUX.2 MM-DiT (double-stream blocks with ``Flux2Attention``,
@@ -21,6 +21,9 @@ transformers 5 builds ``PixtralProcessor`` only with torchvision installed, and 
 a CUDA build of torch. The pipeline only calls its ``apply_chat_template`` on text (system message and prompt),
 which a tokenizer with the same chat template renders and tokenizes identically (a processor adds no special
 tokens to a text that starts with the begin token, and the tokenizer's ``apply_chat_template`` never does).
+
+``Flux2KleinKVPipeline`` takes [klein]'s components; its constructor installs the KV-cache attention processors
+on the transformer, so ``flux2_klein_kv`` builds fresh ones.
 """
 
 from __future__ import annotations
@@ -145,3 +148,14 @@ def flux2_dev(tokenizer=None):
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
 
+
+def flux2_klein_kv(seed: int = 0):
+    """The stock ``Flux2KleinKVPipeline`` on fresh components of ``tiny_pipeline("flux2", seed)`` (the same weights,
+    in eval mode); its constructor gives the transformer the KV-cache attention processors."""
+    from diffusers import Flux2KleinKVPipeline
+
+    from .testing import tiny_pipeline
+
+    pipe = Flux2KleinKVPipeline(**tiny_pipeline("flux2", seed).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,10 +1,11 @@
-"""FLUX.2 ([klein] base on ``tiny:flux2``, [dev] on ``tiny:flux2-dev``): the adapter, stock equality, every
-control, PAG parity, bad input.
+"""FLUX.2 ([klein] base on ``tiny:flux2``, [dev] on ``tiny:flux2-dev``, [klein] KV): the adapter, stock equality,
+every control, PAG parity, bad input.
 
 Real components only: diffusers' ``Flux2KleinPipeline`` with tiny random weights (its processors, its CFG call,
 its reference-image conditioning), ``Flux2Pipeline`` ([dev]: a Mistral3 text encoder, its system message and
-chat template, guidance-distilled) with the same transformer and VAE, and, for parity, diffusers' modular
-FLUX.2 [klein] base pipeline with its ``PerturbedAttentionGuidance`` guider. The tests every FLUX.2 pipeline must pass run on [klein] and [dev]
+chat template, guidance-distilled) and ``Flux2KleinKVPipeline`` (KV-cache processors) with the same transformer
+and VAE, and, for parity, diffusers' modular FLUX.2 [klein] base pipeline with its ``PerturbedAttentionGuidance``
+guider. The tests every FLUX.2 pipeline must pass run on [klein] and [dev]
 (``each``); the ones about [klein]'s CFG call, its modular pipeline, masks and inversion on [klein] only.
 """
 
@@ -489,3 +490,64 @@ def test_mistral_tokenizer_words_are_one_token_after_the_begin_token():
                                                                                        MISTRAL_CHAT_TEMPLATE)
     assert tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "[INST]"]) == [0, 1, 2, 3]
 
+
+# -- FLUX.2 [klein] KV (Flux2KleinKVPipeline): KV-cache processors ------------------------------------------------
+@pytest.fixture(scope="module")
+def kv():
+    from attnctl.testing_flux2 import flux2_klein_kv
+
+    return flux2_klein_kv()
+
+
+def kv_kwargs(**overrides):  # distilled: no guidance_scale, one call per step
+    call = kwargs(**overrides)
+    call.pop("guidance_scale")
+    return call
+
+
+def test_kv_pipeline_uses_its_kv_processors_and_no_control_equals_stock(kv):
+    processors = {type(m.processor).__name__ for m in kv.transformer.modules() if hasattr(m, "processor")}
+    assert processors == {"Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor"}
+    for extra in ({}, {"image": [reference_image()]}):  # with a reference: the extract step, then cached steps
+        stock = kv(prompt=PROMPT, **kv_kwargs(), **extra).images
+        with apply(kv, []):
+            assert torch.equal(kv(prompt=PROMPT, **kv_kwargs(), **extra).images, stock)
+
+
+@pytest.mark.parametrize("site", [JOINT, SINGLE])
+def test_kv_pipeline_pag_changes_only_the_chosen_head_and_the_output(kv, site):
+    """Without reference images the KV processors make the standard attention call: head PAG works as on
+    [klein], and maps' word columns are found."""
+    probe = Probe([site])
+    maps = Maps(words=["circle"], layers=[site])
+    with apply(kv, [Perturb(scale=1.0, layers=f"{site}:heads=1"), probe, maps]):
+        guided = kv(prompt=PROMPT, **kv_kwargs(steps=2)).images
+    plain = kv(prompt=PROMPT, **kv_kwargs(steps=2)).images
+    assert (guided - plain).abs().max() > 1e-4
+    records = [r for r in probe.calls if r["layout"].has("perturb")]
+    assert len(records) == 2 and maps.maps["circle"].shape == (1, 8, 8)
+    for record in records:
+        out, layout = record["out"], record["layout"]
+        cond, perturbed = out[layout.rows("cond")], out[layout.rows("perturb")]
+        torch.testing.assert_close(perturbed[:, [0, 2, 3]], cond[:, [0, 2, 3]], atol=0, rtol=0)
+        assert (perturbed[:, 1] - cond[:, 1]).abs().max() > 1e-4
+
+
+def test_kv_pipeline_with_references_under_a_control_is_refused_naming_it(kv):
+    """With reference images the first step attends twice and later steps attend to cached reference keys: refused
+    at the first denoiser call, before it runs, naming the pipeline; the advice it gives (Flux2KleinPipeline on the
+    same components) runs the control with the references."""
+    from diffusers import Flux2KleinPipeline
+
+    from recording import Recorder
+
+    with Recorder(kv) as recorder, apply(kv, Perturb(scale=1.0, layers=[SINGLE])):
+        with pytest.raises(ModelError, match=r"^Flux2KleinKVPipeline with reference images \(image=...\) cannot "
+                                             r"run under attnctl's controls: .*kv_cache_mode='extract'"):
+            kv(prompt=PROMPT, image=[reference_image()], **kv_kwargs())
+    assert recorder.calls == []  # the denoiser never ran
+    plain = Flux2KleinPipeline(**kv.components)
+    plain.set_progress_bar_config(disable=True)
+    with apply(plain, Perturb(scale=1.0, layers=[SINGLE])):
+        guided = plain(prompt=PROMPT, image=[reference_image()], **kv_kwargs(steps=2)).images
+    assert (guided - plain(prompt=PROMPT, image=[reference_image()], **kv_kwargs(steps=2)).images).abs().max() > 1e-4

@@ -11,8 +11,10 @@ controls that act on the image span. A perturbation in ``mode="full"`` replaces 
 in ``mode="image"`` every non-text token (generated and reference) attends only to itself and the text.
 
 Each module keeps its own processor and attention backend; a control sees its ``dispatch_attention_fn`` call.
-The KV-cache processors of ``Flux2KleinKVPipeline`` attend twice (extract) or to more keys than queries
-(cached): attnctl cannot place their tokens and says so at the first controlled call.
+``Flux2KleinKVPipeline`` installs KV-cache processors that, without reference images, make the standard
+attention call (every control works); with reference images they attend twice (extract, first step) or to cached
+reference keys the call does not carry (cached, later steps): ``unsupported_call`` refuses such a call under
+controls, naming the pipeline, before its denoiser runs.
 
 Words: the prompt's tokens sit inside each pipeline's chat template ([klein]: Qwen3's user turn; [dev]: Mistral's
 system message and user turn); ``text_segments`` finds where by tokenizing the rendered template.
@@ -106,6 +108,23 @@ class Flux2Adapter(FluxAdapter):
             own = ids[ids[:, 0] == t]
             grids.append((int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1))
         return grids
+
+    def unsupported_call(self, pipe, params):
+        """``Flux2KleinKVPipeline`` with reference images: its first step (``kv_cache_mode="extract"``) packs the
+        references *before* the generated image and its KV processors attend twice (text and image queries to
+        every key, then the references to themselves); later steps (``"cached"``) attend the text and image
+        queries to reference keys and values cached from the first step, which the call's tokens do not carry.
+        Neither is a call whose tokens attnctl can place, nor are the latents a control would update the
+        generated image's alone. Without reference images it runs the standard attention: controls work."""
+        mode = params.get("kv_cache_mode")
+        if mode is None:
+            return None
+        return (f"{type(pipe).__name__} with reference images (image=...) cannot run under attnctl's controls: "
+                f"its KV-cache attention (transformer call with kv_cache_mode={mode!r}) attends the references in a "
+                "second attention call at the first step and to reference keys cached from it at later steps, "
+                "tokens attnctl cannot place. Run this pipeline without reference images (text-to-image: every "
+                "control works), or pass the references to Flux2KleinPipeline built from the same components "
+                "(Flux2KleinPipeline(**pipe.components)), which recomputes them at every step")
 
     def text_segments(self, pipe):
         """The prompt's tokens start after the chat turns the pipeline renders around it: [klein]'s Qwen3 user turn
