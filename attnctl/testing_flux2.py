@@ -17,10 +17,11 @@ pipeline never runs) whose three hidden states are stacked like [klein]'s, the s
 FLUX.2 [dev]'s guidance embedding (guidance-distilled: one call per step, no CFG). Its ``tokenizer`` component is
 the Mistral tokenizer itself (``attnctl.tokenizers.build_mistral_tokenizer``: Tekken-like byte-level BPE, the
 ``[SYSTEM_PROMPT]``/``[INST]`` chat template below), not the ``PixtralProcessor`` the hub checkpoint ships:
-transformers 5 builds ``PixtralProcessor`` only with torchvision installed, and PyPI's torchvision wheels need
-a CUDA build of torch. The pipeline only calls its ``apply_chat_template`` on text (system message and prompt),
-which a tokenizer with the same chat template renders and tokenizes identically (a processor adds no special
-tokens to a text that starts with the begin token, and the tokenizer's ``apply_chat_template`` never does).
+transformers 5 builds ``PixtralProcessor`` only with torchvision installed, and PyPI's torchvision wheel needs
+a CUDA build of torch (this project's CPU torch cannot load its operators). The pipeline only calls its
+``apply_chat_template`` on text (system message and prompt), which a tokenizer with the same chat template
+renders and tokenizes identically (a processor adds no special tokens to a text that starts with the begin token,
+and the tokenizer's ``apply_chat_template`` never does).
 
 ``Flux2KleinKVPipeline`` takes [klein]'s components; its constructor installs the KV-cache attention processors
 on the transformer, so ``flux2_klein_kv`` builds fresh ones.
