@@ -26,15 +26,15 @@ def test_the_bare_command_plans_only_settings_each_family_can_take(capsys):
     assert ("sd15", "diffusers-excite") in planned and ("sd15", "cfg+excite") in planned
     assert not any(name == "diffusers-excite" and family != "sd15" for family, name in planned)
     assert all((family, "cfg") in planned for family in FAMILIES)
-    # NAG runs where the control does (not on FLUX.2, Chroma or Qwen-Image yet)
-    assert {family for family, name in planned if name == "nag"} == set(NAG_FAMILIES)
-    assert {"flux2", "chroma", "qwenimage"}.isdisjoint(NAG_FAMILIES) and "shapes-dit" in NAG_FAMILIES
+    # NAG runs where the control does: on every benchmark family; its whole-block reference on three of them
+    assert {family for family, name in planned if name == "nag"} == set(NAG_FAMILIES) == set(FAMILIES)
+    assert {family for family, name in planned if name == "nag[whole-block]"} == {"sd3", "flux", "shapes-dit"}
     err = capsys.readouterr().err
     for family in FAMILIES:
         if family != "sd15":
             assert f"skipping diffusers-excite on {family}: it runs on sd15 only" in err
-        if family not in NAG_FAMILIES:
-            assert f"skipping nag on {family}: it runs on {', '.join(NAG_FAMILIES)} only" in err
+        if family not in ("sd3", "flux", "shapes-dit"):
+            assert f"skipping nag[whole-block] on {family}: it runs on sd3, flux, shapes-dit only" in err
 
 
 @pytest.mark.parametrize("families", [["qwenimage"], ["flux2", "chroma"], ["sdxl", "shapes-dit"]])
@@ -62,11 +62,11 @@ def test_cli_families_qwenimage_without_settings_plans_and_notes(monkeypatch, ca
 
     monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
     assert main(["bench", "pipeline", "--families", "qwenimage", "--quick", "--repeats", "1"]) == 0
-    expected = [n for n in pipeline.SETTINGS if n not in ("diffusers-excite", "nag", "nag[whole-block]")]
+    expected = [n for n in pipeline.SETTINGS if n not in ("diffusers-excite", "nag[whole-block]")]
     assert started == [("qwenimage", [n], True) for n in expected]
     out, err = capsys.readouterr()
     assert "skipping diffusers-excite: it runs on sd15 only" in err
-    assert ("skipping nag: it runs on sd15, sdxl, sd3, flux, shapes, shapes-dit only, none of the chosen families "
+    assert ("skipping nag[whole-block]: it runs on sd3, flux, shapes-dit only, none of the chosen families "
             "qwenimage") in err
     assert "cfg+pag" in out and "diffusers-excite" not in out
 
@@ -89,9 +89,9 @@ def test_skipped_setting_smoke_run(capsys):
 
 
 def test_explicit_settings_skip_per_family_and_refuse_when_no_family_takes_one(capsys):
-    assert dict(pipeline.plan(["flux2", "sd3"], ["cfg", "nag"], interleave=True)) == {"flux2": ["cfg"],
-                                                                                      "sd3": ["cfg", "nag"]}
-    assert "skipping nag on flux2: it runs on" in capsys.readouterr().err
-    with pytest.raises(AttnctlError, match=r"nag runs on sd15, sdxl, sd3, flux, shapes, shapes-dit only, not on the "
+    assert dict(pipeline.plan(["flux2", "sd3"], ["cfg", "nag[whole-block]"], interleave=True)) == {
+        "flux2": ["cfg"], "sd3": ["cfg", "nag[whole-block]"]}
+    assert "skipping nag[whole-block] on flux2: it runs on" in capsys.readouterr().err
+    with pytest.raises(AttnctlError, match=r"nag\[whole-block\] runs on sd3, flux, shapes-dit only, not on the "
                                            r"chosen families chroma, qwenimage"):
-        pipeline.plan(["chroma", "qwenimage"], ["nag"], interleave=False)
+        pipeline.plan(["chroma", "qwenimage"], ["nag[whole-block]"], interleave=False)

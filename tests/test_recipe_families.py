@@ -60,9 +60,17 @@ def test_model_family_from_a_folders_model_index(tmp_path):
     assert models.model_family(str(sdxl)) is None
 
 
-@pytest.mark.parametrize("model", ["tiny:flux2", "tiny:chroma", "tiny:qwenimage"])
-def test_a_control_the_family_cannot_take_fails_at_validation(tmp_path, model, no_loading):
+def _nag_without(monkeypatch, family):
+    """``nag`` declared without ``family`` for one test (it runs on every family now), with a reason: the
+    validation of a control a family cannot take, whichever control that is."""
+    monkeypatch.setattr(Nag, "families", tuple(f for f in Nag.families if f != family))
+    monkeypatch.setattr(Nag, "family_notes", {family: "a reason this test gives"})
+
+
+@pytest.mark.parametrize("model", ["tiny:flux2", "tiny:chroma", "tiny:qwenimage", "tiny:zimage"])
+def test_a_control_the_family_cannot_take_fails_at_validation(tmp_path, model, no_loading, monkeypatch):
     family = model.split(":")[1]
+    _nag_without(monkeypatch, family)
     path = _write(tmp_path, f"model: {model}\n{BASE}controls:\n  maps: {{words: [circle]}}\n"
                             "  nag: {negative_prompt: blue}\n")
     with pytest.raises(RecipeError) as info:
@@ -73,7 +81,8 @@ def test_a_control_the_family_cannot_take_fails_at_validation(tmp_path, model, n
     assert Nag.family_notes[family] in message
 
 
-def test_a_local_folders_family_and_a_list_entry(tmp_path, no_loading):
+def test_a_local_folders_family_and_a_list_entry(tmp_path, no_loading, monkeypatch):
+    _nag_without(monkeypatch, "qwenimage")
     folder = _folder(tmp_path, ("transformer", "QwenImageTransformer2DModel"))
     path = _write(tmp_path, f"model: {folder}\n{BASE}controls:\n  nag:\n    - {{negative_prompt: blue}}\n")
     with pytest.raises(RecipeError, match=r"r.yaml:8: controls\.nag\.0: control 'nag' does not support the "
@@ -81,7 +90,8 @@ def test_a_local_folders_family_and_a_list_entry(tmp_path, no_loading):
         load_recipe(path)
 
 
-def test_a_swept_model_is_checked_at_every_setting(tmp_path, no_loading):
+def test_a_swept_model_is_checked_at_every_setting(tmp_path, no_loading, monkeypatch):
+    _nag_without(monkeypatch, "chroma")
     path = _write(tmp_path, f"model: [tiny:sd15, tiny:chroma]\nsweep: [model]\n{BASE}"
                             "controls:\n  nag: {negative_prompt: blue}\n")
     with pytest.raises(RecipeError, match=r"sweep setting \(model='tiny:chroma'\) is invalid: .*controls\.nag: "
@@ -106,6 +116,9 @@ def test_inverting_an_image_on_a_family_without_inversion_fails_at_validation(tm
     "model: tiny:chroma\n" + BASE + "controls:\n  edit: {target: a blue circle, image: in.png}\n",  # Chroma inverts
     "model: tiny:qwenimage\n" + BASE + "controls:\n  edit: {target: a blue circle}\n",  # no image: no inversion
     "model: shapes\n" + BASE + "controls:\n  nag: {negative_prompt: blue}\n",
+    # nag runs on every family: FLUX.2, Chroma, Qwen-Image and Z-Image too
+    *(f"model: tiny:{family}\n" + BASE + "controls:\n  nag: {negative_prompt: blue}\n"
+      for family in ("flux2", "chroma", "qwenimage", "zimage")),
     # a hub id: the family is known only once loaded
     "model: some-org/some-model\n" + BASE + "controls:\n  nag: {negative_prompt: blue}\n",
 ])
@@ -116,5 +129,5 @@ def test_what_each_family_can_take_validates(tmp_path, text, no_loading):
 def test_schema_lists_each_controls_families():
     defs = json_schema()["$defs"]
     assert defs["control_nag"]["x-attnctl-families"] == list(Nag.families)
-    assert "Families: sd15, sdxl, sd3, flux." in defs["control_nag"]["description"]
+    assert "Families: sd15, sdxl, sd3, flux, flux2, chroma, qwenimage, zimage." in defs["control_nag"]["description"]
     assert "qwenimage" in defs["control_perturb"]["x-attnctl-families"]

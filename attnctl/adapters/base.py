@@ -10,9 +10,11 @@ family is one file in this folder plus one registry line in ``__init__``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +39,28 @@ class TextPass:
     k: torch.Tensor
     v: torch.Tensor
     finish: Callable[[torch.Tensor], torch.Tensor] | None
+    # The attention mask the block's processor would pass with these text tokens in the call's text span (bool:
+    # True = may attend, or a float added to the scores), broadcastable to (B, H, S_q, S_k) of that call, whose
+    # queries and keys are laid out as the call's own with its text span replaced; None: no mask.
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class SecondText:
+    """A second text stream beside a denoiser call's own (the ``nag`` control's negative prompt), on some of its
+    rows (``Adapter.start_text``).
+
+    ``tokens``: (B, S, C), the stream before the next block; ``mask``: (B, S) bool, True where a token is real (a
+    key attention may read), None: every token is; ``rope``: the stream's own rotary embedding where the adapter
+    computes one (its length or positions differ from the call's text: Qwen-Image, Z-Image), None: the call's text
+    positions; ``joined``: where the call's own text sits in the sequence a joined (single-stream) block takes
+    (FLUX.2, Chroma: the first T tokens; Z-Image: after the padded image), None: no block takes it joined.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    rope: Any = None
+    joined: slice | None = None
 
 
 @dataclass(frozen=True)
@@ -216,16 +240,26 @@ class Adapter:
     # -- a second text (a negative prompt) inside attention (the ``nag`` control) -------------------------------
     # ``False``: every text-reading layer reads the same text embeddings (UNet cross-attention), so a second
     # text's keys/values are one projection per layer (``project_text``). ``True``: the text tokens are a stream
-    # the blocks update (MM-DiT), so a second text must run through the blocks beside the first (``embed_text``
-    # gives the stream's start; the blocks in ``block_attrs`` carry it).
+    # the blocks update (MM-DiT), so a second text must run through the blocks beside the first (``start_text``
+    # gives the stream's start; the blocks of ``text_blocks`` carry it).
     text_stream: bool = False
     # ``True``: inside the blocks text tokens carry no position (no rotary embedding on them), so identical text
     # tokens stay identical through every block and a second text stream may carry one of each.
     text_positionless: bool = False
+    # ``True``: a second text keeps its own length (``encode_text`` ignores ``text_len``; the stream's positions
+    # come with it, ``SecondText.rope``). ``False``: it is padded or truncated to the call's text length.
+    text_own_length: bool = False
 
-    def encode_text(self, pipe, prompts: list[str], text_len: int, device, dtype) -> torch.Tensor:
-        """``prompts`` encoded by the pipeline's own text encoders into what the denoiser's ``text_arg`` takes:
-        (len(prompts), text_len, C), padded or truncated to ``text_len`` tokens like the call's own prompt."""
+    def second_text_unsupported(self, pipe) -> str:
+        """Why a second text cannot run beside the prompt's on ``pipe`` ("" = it can): said by the ``nag``
+        control when it is applied."""
+        return ""
+
+    def encode_text(self, pipe, prompts: list[str], text_len: int | None, device, dtype):
+        """``prompts`` encoded by the pipeline's own text encoders (its ``encode_prompt``, its template) into what
+        the denoiser's ``text_arg`` takes: (len(prompts), S, C), padded or truncated to the call's ``text_len``
+        tokens like the call's own prompt (``text_own_length``: at their own length, S the longest), or that and
+        a (len(prompts), S) bool mask of the real tokens (None: all real)."""
         raise NotImplementedError
 
     def project_text(self, module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +270,31 @@ class Adapter:
     def embed_text(self, denoiser, text: torch.Tensor) -> torch.Tensor:
         """The text stream at the first block for ``text`` (B, S, C) (only where ``text_stream`` is True)."""
         raise NotImplementedError
+
+    def start_text(self, denoiser, text: torch.Tensor, mask: torch.Tensor | None, params: dict,
+                   rows: list[int]) -> SecondText:
+        """The second text stream at the first block of ``text_blocks`` for ``text`` (B, S, C) from
+        ``encode_text`` (``mask``: its real tokens, or None), beside the rows ``rows`` of a denoiser call with
+        ``params`` (the engine's batch view). By default the stream is ``embed_text``'s."""
+        return SecondText(self.embed_text(denoiser, text), mask)
+
+    def text_blocks(self, denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, module)`` of the blocks that carry the text stream, in execution order (only where
+        ``text_stream`` is True): by default those of ``block_attrs`` whose forward takes
+        ``encoder_hidden_states``."""
+        return [(name, module) for name, module in self.blocks(denoiser)
+                if name.split(".")[0] in self.block_attrs
+                and "encoder_hidden_states" in inspect.signature(module.forward).parameters]
+
+    def with_text(self, block, inputs: dict, text: SecondText) -> dict:
+        """The forward arguments of ``block`` (``inputs``: the call's own, on the rows of ``text``) with the second
+        text in place of the call's own text: the block run whole on [``text``; the call's image tokens]."""
+        return dict(inputs, encoder_hidden_states=text.tokens)
+
+    def text_after(self, block, out, text: SecondText) -> torch.Tensor | None:
+        """The second text's stream after ``block`` from what ``block`` returned when run on ``with_text``'s
+        arguments (None: the block returns no text stream, e.g. SD3's last block)."""
+        return out[0] if isinstance(out, tuple) else None
 
     # -- the call as the engine sees it: one batch ------------------------------------------------------------
     # The engine works on a batch view of each denoiser call: ``latent_arg`` one batch-major tensor (B, ...), every
@@ -263,15 +322,16 @@ class Adapter:
     # engine starts a pipeline call there if none is open (its prompts then unknown).
     call_start_methods: tuple[str, ...] = ()
 
-    def text_pass(self, block, stream: torch.Tensor, inputs: dict) -> TextPass | None:
-        """The text side of ``block`` for a second text ``stream`` (B, S_text, C) (only where ``text_stream`` is
-        True): its text tokens' queries, keys and values at the block's text-reading attention module, as that
-        module's processor computes them (norms, modulation by ``inputs``' timestep embedding, rotary
-        embedding), and how the text queries' attention output becomes the stream after the block. ``inputs``:
-        the block's forward arguments for the rows of ``stream``. Every step is per token except attention, so
-        with the image tokens' keys and values of the block's own call this is exactly the block run on
-        [``stream``; the call's image tokens], without the image tokens' update. None where the block (or its
-        processor) is not one this adapter knows how to split: run the whole block."""
+    def text_pass(self, block, text: SecondText, inputs: dict) -> TextPass | None:
+        """The text side of ``block`` for a second text stream ``text`` (its ``tokens`` (B, S_text, C)) (only
+        where ``text_stream`` is True): its text tokens' queries, keys and values at the block's text-reading
+        attention module, as that module's processor computes them (norms, modulation by ``inputs``' timestep
+        embedding, rotary embedding), the call's attention mask with them in its text span, and how the text
+        queries' attention output becomes the stream after the block. ``inputs``: the block's forward arguments
+        for the rows of ``text``. Every step is per token except attention, so with the image tokens' keys and
+        values of the block's own call this is exactly the block run on [``text``; the call's image tokens]
+        (``with_text``), without the image tokens' update. None where the block (or its processor) is not one
+        this adapter knows how to split: run the whole block."""
         return None
 
     # -- batch layout (attnctl.layouts) ----------------------------------------------------------------

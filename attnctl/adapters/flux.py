@@ -11,7 +11,7 @@ import torch
 
 from .. import layouts
 from ..intercept import CallPlan, Tokens
-from .base import Adapter, TextPass, TextSegment, n_tokens
+from .base import Adapter, TextPass, TextSegment, import_path, n_tokens
 
 
 class FluxAdapter(Adapter):
@@ -62,6 +62,9 @@ class FluxAdapter(Adapter):
         return layouts.true_cfg_kind(call)
 
     text_stream = True
+    # The block classes ``text_pass`` splits (Chroma's blocks are FLUX's with pruned modulation).
+    double_block_class = "diffusers.models.transformers.transformer_flux:FluxTransformerBlock"
+    single_block_class = "diffusers.models.transformers.transformer_flux:FluxSingleTransformerBlock"
 
     def encode_text(self, pipe, prompts, text_len, device, dtype):
         # T5 embeddings padded to the call's own length (the RoPE ids cover text_len text tokens); the class's
@@ -73,27 +76,66 @@ class FluxAdapter(Adapter):
     def embed_text(self, denoiser, text):
         return denoiser.context_embedder(text)
 
-    def text_pass(self, block, stream, inputs):
+    def start_text(self, denoiser, text, mask, params, rows):
+        # single-stream blocks that take [text; image] joined (FLUX.2, Chroma) hold the call's text first
+        stream = super().start_text(denoiser, text, mask, params, rows)
+        stream.joined = slice(0, int(params[self.text_arg].shape[1]))
+        return stream
+
+    def text_blocks(self, denoiser):
+        return [(name, module) for name, module in self.blocks(denoiser) if name.split(".")[0] in self.block_attrs]
+
+    def with_text(self, block, inputs, text):
+        """Double-stream blocks take the text as ``encoder_hidden_states``; a single-stream block that takes
+        [text; image] joined (``encoder_hidden_states`` absent or None) gets [``text``; the call's image
+        tokens]. A text padding mask (Chroma's ``attention_mask`` over [text; image]) takes the second text's."""
+        inputs = dict(inputs)
+        if inputs.get("encoder_hidden_states") is not None:
+            inputs["encoder_hidden_states"] = text.tokens
+        else:
+            joined = inputs["hidden_states"]
+            inputs["hidden_states"] = torch.cat([text.tokens.to(joined.dtype), joined[:, text.joined.stop:]], dim=1)
+        if inputs.get("attention_mask") is not None:
+            inputs["attention_mask"] = self._text_mask(inputs["attention_mask"], text)
+        return inputs
+
+    def text_after(self, block, out, text):
+        return out[0] if isinstance(out, tuple) else out[:, : text.tokens.shape[1]]
+
+    @staticmethod
+    def _text_mask(mask, text):
+        """A (B, T + S_image) padding mask of the call's [text; image] tokens with the second text's real tokens
+        (all of them where it has no mask) in place of the call's text's."""
+        own = torch.ones(text.tokens.shape[:2], device=mask.device) if text.mask is None else text.mask
+        return torch.cat([own.to(mask.dtype), mask[:, text.joined.stop:]], dim=1)
+
+    def _context_emb(self, block, temb):
+        """The part of a double-stream block's ``temb`` its text-stream norm takes."""
+        return temb
+
+    def text_pass(self, block, text, inputs):
         """The text side of a double-stream block (``norm1_context`` by the block's ``temb``, the module's
         ``add_q/k/v_proj`` and ``norm_added_q/k``; after attention ``to_add_out``, the gated residual,
         ``norm2_context`` and ``ff_context``) or of a single-stream block (its ``norm``, the module's shared
         ``to_q/k/v`` and ``norm_q/k`` on the text tokens; after attention ``proj_mlp`` and ``proj_out`` on those
         tokens only: every step but attention is per token), with the text positions' rotary embedding
-        (the first S_text of the call's ``image_rotary_emb``, [text; image]). Under the stock
-        ``FluxAttnProcessor`` with unfused projections only."""
+        (the first S_text of the call's ``image_rotary_emb``, [text; image]) and, where the block takes one
+        (Chroma), the block's attention mask over [``text``; image]. Under the stock ``FluxAttnProcessor`` with
+        unfused projections only."""
         from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxSingleTransformerBlock,
-                                                                    FluxTransformerBlock)
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+        double_class, single_class = import_path(self.double_block_class), import_path(self.single_block_class)
         attn = getattr(block, "attn", None)
-        if (type(block) not in (FluxTransformerBlock, FluxSingleTransformerBlock)
+        if (type(block) not in (double_class, single_class)
                 or type(attn.processor) is not FluxAttnProcessor or getattr(attn, "fused_projections", False)):
             return None
-        double = type(block) is FluxTransformerBlock
-        temb, rope = inputs["temb"], inputs.get("image_rotary_emb")
+        double = type(block) is double_class
+        temb, rope, stream = inputs["temb"], inputs.get("image_rotary_emb"), text.tokens
         n_text = stream.shape[1]
         if double:
-            normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=temb)
+            normed, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream,
+                                                                               emb=self._context_emb(block, temb))
             projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q,
                                                                                         attn.norm_added_k)
         else:
@@ -104,21 +146,25 @@ class FluxAdapter(Adapter):
         if rope is not None:
             rope = tuple(r[:n_text] for r in rope)
             q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        mask = inputs.get("attention_mask")
+        if mask is not None:  # as the block expands it: (B, 1, S, S), the product of the mask with itself
+            mask = self._text_mask(mask, text)
+            mask = mask[:, None, None, :] * mask[:, None, :, None]
 
         def finish(out):
             out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
             if double:
-                text = stream + gate.unsqueeze(1) * attn.to_add_out(out.contiguous())
-                mlp_in = block.norm2_context(text) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-                text = text + gate_mlp.unsqueeze(1) * block.ff_context(mlp_in)
+                after = stream + gate.unsqueeze(1) * attn.to_add_out(out.contiguous())
+                mlp_in = block.norm2_context(after) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+                after = after + gate_mlp.unsqueeze(1) * block.ff_context(mlp_in)
             else:
                 mlp = block.act_mlp(block.proj_mlp(normed))
-                text = stream + gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2))
-            if text.dtype == torch.float16:
-                text = text.clip(-65504, 65504)
-            return text
+                after = stream + gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2))
+            if after.dtype == torch.float16:
+                after = after.clip(-65504, 65504)
+            return after
 
-        return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish)
+        return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish, mask)
 
     def text_segments(self, pipe):
         return [TextSegment(pipe.tokenizer_2, 0, None)]

@@ -19,6 +19,10 @@ controls, naming the pipeline, before its denoiser runs.
 Words: the prompt's tokens sit inside each pipeline's chat template ([klein]: Qwen3's user turn; [dev]: Mistral's
 system message and user turn); ``text_segments`` finds where by tokenizing the rendered template.
 
+A second text stream (the ``nag`` control's negative prompt) is encoded by the pipeline's own ``encode_prompt``
+at the call's text length and runs beside the prompt's: as ``encoder_hidden_states`` of the double-stream
+blocks, in front of the image and reference tokens in the joined input of the single-stream blocks.
+
 Calls: ``Flux2Pipeline`` is guidance-distilled (one cond call per step); ``Flux2KleinPipeline`` runs CFG as a
 second call inside ``transformer.cache_context("uncond")`` when ``guidance_scale > 1`` and not distilled, the
 layout FLUX's true CFG has, so the call kinds are FLUX's.
@@ -26,9 +30,11 @@ layout FLUX's true CFG has, so the call kinds are FLUX's.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import ModelError
 from ..intercept import Tokens
-from .base import Site, TextSegment, import_path, n_tokens
+from .base import Site, TextPass, TextSegment, import_path, n_tokens
 from .flux import FluxAdapter
 
 _PROMPT_MARK = "\u2063attnctl-prompt\u2063"  # rendered into the chat template to find where the prompt starts
@@ -125,6 +131,70 @@ class Flux2Adapter(FluxAdapter):
                 "tokens attnctl cannot place. Run this pipeline without reference images (text-to-image: every "
                 "control works), or pass the references to Flux2KleinPipeline built from the same components "
                 "(Flux2KleinPipeline(**pipe.components)), which recomputes them at every step")
+
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        # the pipeline's own chat template and text encoder layers, padded to the call's length like its prompt
+        embeds = type(pipe).encode_prompt(pipe, prompt=prompts, device=device, num_images_per_prompt=1,
+                                          max_sequence_length=text_len)[0]
+        return embeds.to(device=device, dtype=dtype)
+
+    def text_pass(self, block, text, inputs):
+        """The text side of a double-stream block (``norm1_context`` modulated by the block's
+        ``temb_mod_txt``, the module's ``add_q/k/v_proj`` and ``norm_added_q/k``; after attention
+        ``to_add_out``, the gated residual, ``norm2_context`` and ``ff_context``) or of a single-stream block
+        (its ``norm`` modulated by ``temb_mod``, the module's fused ``to_qkv_mlp_proj`` and ``norm_q/k`` on the
+        text tokens; after attention its SwiGLU MLP half and ``to_out`` on those tokens only), with the text
+        positions' rotary embedding (the first S_text of the call's ``image_rotary_emb``: [text; image;
+        references]). Under the stock ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor`` with
+        unfused double-stream projections only (the KV-cache processors are not split)."""
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux2 import (Flux2AttnProcessor, Flux2Modulation,
+                                                                     Flux2ParallelSelfAttnProcessor,
+                                                                     Flux2SingleTransformerBlock,
+                                                                     Flux2TransformerBlock)
+
+        attn = getattr(block, "attn", None)
+        double = type(block) is Flux2TransformerBlock
+        if double:
+            if type(attn.processor) is not Flux2AttnProcessor or getattr(attn, "fused_projections", False):
+                return None
+        elif type(block) is not Flux2SingleTransformerBlock or type(attn.processor) is not \
+                Flux2ParallelSelfAttnProcessor:
+            return None
+        rope, stream = inputs.get("image_rotary_emb"), text.tokens
+        if double:
+            (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = Flux2Modulation.split(inputs["temb_mod_txt"], 2)
+            normed = (1 + scale) * block.norm1_context(stream) + shift
+            q, k, v = (f(normed) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            norms = attn.norm_added_q, attn.norm_added_k
+        else:
+            shift, scale, gate = Flux2Modulation.split(inputs["temb_mod"], 1)[0]
+            normed = (1 + scale) * block.norm(stream) + shift
+            fused = attn.to_qkv_mlp_proj(normed)
+            qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+            local_qkv = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+            qkv, mlp = torch.split(fused, [local_qkv, fused.shape[-1] - local_qkv], dim=-1)
+            q, k, v = qkv.chunk(3, dim=-1)
+            norms = attn.norm_q, attn.norm_k
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        q, k = norms[0](q), norms[1](k)
+        if rope is not None:
+            rope = tuple(r[: stream.shape[1]] for r in rope)
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+
+        def finish(out):
+            out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+            if double:
+                after = stream + gate * attn.to_add_out(out)
+                mlp_in = block.norm2_context(after) * (1 + scale_mlp) + shift_mlp
+                after = after + gate_mlp * block.ff_context(mlp_in)
+            else:
+                after = stream + gate * attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+            if after.dtype == torch.float16:
+                after = after.clip(-65504, 65504)
+            return after
+
+        return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish)
 
     def text_segments(self, pipe):
         """The prompt's tokens start after the chat turns the pipeline renders around it: [klein]'s Qwen3 user turn

@@ -15,17 +15,25 @@ Image tokens: ``img_shapes[0]`` lists the (frames, height, width) token grids of
 image being generated. Qwen-Image-Edit appends the reference image's latents after it (``img_shapes`` then holds
 two grids), so the image span controls see is the generated grid only: maps, regions and excite read and act on
 the generated image's queries, while its reference tokens stay ordinary keys. Its text stream holds the input
-image's vision tokens before the prompt, so word positions there are refused (``text_segments``), not guessed.
+image's vision tokens before the prompt, so word positions there are refused (``text_segments``), not guessed,
+and so is a second text encoded without them (the ``nag`` control's negative prompt).
+
+A second text stream (``nag``) keeps its own length, as a prompt does here (the pipeline trims a prompt batch to
+its longest real text and masks the rest): its text RoPE is the transformer's for that length beside the call's
+image grids, its padding a key mask.
 """
 
 from __future__ import annotations
 
+import inspect
 from math import prod
+
+import torch
 
 from .. import layouts
 from ..errors import ModelError
 from ..intercept import Tokens
-from .base import Adapter, TextSegment, n_tokens
+from .base import Adapter, SecondText, TextPass, TextSegment, n_tokens
 
 
 class QwenImageAdapter(Adapter):
@@ -102,3 +110,78 @@ class QwenImageAdapter(Adapter):
             prefix = template.split("{}", 1)[0]
             offset = len(tokenizer(prefix, add_special_tokens=False).input_ids) - dropped
         return [TextSegment(tokenizer, offset, None)]
+
+
+    # -- a second text stream (the ``nag`` control) ---------------------------------------------------------
+    text_stream = True
+    text_own_length = True  # prompts keep their own length (padded to the batch's longest with a mask)
+
+    def second_text_unsupported(self, pipe):
+        if "image" in inspect.signature(type(pipe).encode_prompt).parameters:
+            return (f"{type(pipe).__name__} encodes the input image into the text stream (its vision tokens before "
+                    "the prompt), and attnctl encodes a second text without it")
+        if getattr(self.denoiser(pipe).config, "zero_cond_t", False):
+            return ("this transformer (zero_cond_t) modulates with two timestep rows per sample, which attnctl does "
+                    "not split between a second text's rows")
+        return ""
+
+    def encode_text(self, pipe, prompts, text_len, device, dtype):
+        """The pipeline's own template and Qwen2.5-VL encoding, at the texts' own length (the longest; the
+        others' padding masked, as the pipeline masks a prompt batch's)."""
+        embeds, mask = type(pipe).encode_prompt(pipe, prompt=prompts, device=device, num_images_per_prompt=1)
+        return embeds.to(device=device, dtype=dtype), None if mask is None else mask.to(device=device).bool()
+
+    def start_text(self, denoiser, text, mask, params, rows):
+        """``txt_norm`` and ``txt_in`` of the text, and its rotary embedding: the text positions the transformer
+        gives a text of this length beside the call's image grids (``pos_embed``)."""
+        tokens = denoiser.txt_in(denoiser.txt_norm(text))
+        rope = denoiser.pos_embed(params["img_shapes"], max_txt_seq_len=tokens.shape[1], device=tokens.device)[1]
+        return SecondText(tokens, mask, rope)
+
+    def with_text(self, block, inputs, text):
+        rope = inputs.get("image_rotary_emb")
+        return dict(inputs, encoder_hidden_states=text.tokens, encoder_hidden_states_mask=text.mask,
+                    image_rotary_emb=None if rope is None else (rope[0], text.rope))
+
+    def text_pass(self, block, text, inputs):
+        """``QwenImageTransformerBlock``'s text side under the stock ``QwenDoubleStreamAttnProcessor2_0``:
+        ``txt_norm1`` modulated by ``txt_mod`` of the block's ``temb``, the module's ``add_q/k/v_proj`` and
+        ``norm_added_q/k``, the text's rotary embedding; after attention ``to_add_out``, the gated residual,
+        ``txt_norm2`` modulated and ``txt_mlp``. The attention mask is the processor's: the text's padding
+        masked as keys, the image tokens all kept."""
+        from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0,
+                                                                         QwenImageTransformerBlock,
+                                                                         apply_rotary_emb_qwen)
+
+        attn = getattr(block, "attn", None)
+        if (type(block) is not QwenImageTransformerBlock or type(attn.processor) is not
+                QwenDoubleStreamAttnProcessor2_0 or block.zero_cond_t or getattr(attn, "fused_projections", False)):
+            return None
+        stream = text.tokens
+        mod1, mod2 = block.txt_mod(inputs["temb"]).chunk(2, dim=-1)
+        normed, gate1 = block._modulate(block.txt_norm1(stream), mod1)
+        head_dim = attn.inner_dim // attn.heads
+        q, k, v = (f(normed).unflatten(-1, (-1, head_dim)) for f in (attn.add_q_proj, attn.add_k_proj,
+                                                                     attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            q = attn.norm_added_q(q)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)
+        if inputs.get("image_rotary_emb") is not None:
+            q, k = (apply_rotary_emb_qwen(x, text.rope, use_real=False) for x in (q, k))
+        mask = None
+        if text.mask is not None:  # [text; image] keys, as the processor builds it from encoder_hidden_states_mask
+            image = torch.ones(text.mask.shape[0], inputs["hidden_states"].shape[1], dtype=torch.bool,
+                               device=text.mask.device)
+            mask = torch.cat([text.mask, image], dim=1)[:, None, None, :]
+
+        def finish(out):
+            out = attn.to_add_out(out.transpose(1, 2).flatten(2, 3).to(q.dtype).contiguous())
+            after = stream + gate1 * out
+            mlp_in, gate2 = block._modulate(block.txt_norm2(after), mod2)
+            after = after + gate2 * block.txt_mlp(mlp_in)
+            if after.dtype == torch.float16:
+                after = after.clip(-65504, 65504)
+            return after
+
+        return TextPass(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), finish, mask)

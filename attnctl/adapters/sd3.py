@@ -74,7 +74,7 @@ class SD3Adapter(Adapter):
     def embed_text(self, denoiser, text):
         return denoiser.context_embedder(text)
 
-    def text_pass(self, block, stream, inputs):
+    def text_pass(self, block, text, inputs):
         """``JointTransformerBlock``'s text side (SD3.5's dual blocks too: their ``attn2`` reads only the image
         stream) under the stock ``JointAttnProcessor2_0``: ``norm1_context`` modulated by the block's ``temb``,
         the joint module's ``add_q/k/v_proj`` and ``norm_added_q/k``; after attention its ``to_add_out``, the
@@ -86,7 +86,7 @@ class SD3Adapter(Adapter):
         attn = getattr(block, "attn", None)
         if type(block) is not JointTransformerBlock or type(attn.processor) is not JointAttnProcessor2_0:
             return None
-        temb = inputs["temb"]
+        temb, stream = inputs["temb"], text.tokens
         if block.context_pre_only:
             normed = block.norm1_context(stream, temb)
         else:
@@ -106,13 +106,13 @@ class SD3Adapter(Adapter):
 
         def finish(out):
             out = attn.to_add_out(out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(q.dtype))
-            text = stream + gate_msa.unsqueeze(1) * out
-            normed = block.norm2_context(text) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            after = stream + gate_msa.unsqueeze(1) * out
+            normed = block.norm2_context(after) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             if block._chunk_size is not None:
                 ff = _chunked_feed_forward(block.ff_context, normed, block._chunk_dim, block._chunk_size)
             else:
                 ff = block.ff_context(normed)
-            return text + gate_mlp.unsqueeze(1) * ff
+            return after + gate_mlp.unsqueeze(1) * ff
 
         return TextPass(q, k, v, finish)
 

@@ -183,12 +183,12 @@ def applies(name: str, family: str) -> bool:
 
 
 def plan(families, settings, interleave: bool) -> list[tuple[str, list[str]]]:
-    """The (family, settings) jobs of a run, each its own fresh process: every setting on every family that can
-    take it. A setting a family cannot take (diffusers' Attend-and-Excite pipeline exists for SD1.x only; NAG
-    does not run on FLUX.2, Chroma or Qwen-Image yet) is skipped there with a note on stderr, so the bare
-    command and any ``--families`` without ``--settings`` run. A setting named in ``settings`` that none of the
-    chosen families can take is an error (with the default settings it is only a note). Unknown names fail
-    here, before any process starts."""
+    """The (family, settings) jobs of a run, each its own fresh process: every setting on every family that can take
+    it. A setting a family cannot take (diffusers' Attend-and-Excite pipeline exists for SD1.x only; NAG's
+    whole-block reference is timed on SD3, FLUX and shapes-dit only) is skipped there with a note on stderr, so the
+    bare command and any ``--families`` without ``--settings`` run. A setting named in ``settings`` that none of the
+    chosen families can take is an error (with the default settings it is only a note). Unknown names fail here,
+    before any process starts."""
     names = list(settings or SETTINGS)
     families = check_families(families)
     for name in list(names):

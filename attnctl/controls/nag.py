@@ -19,31 +19,46 @@ Where the negative text comes from:
 
 - UNet cross-attention (SD1.x/2.x, SDXL) reads the same text embeddings in every layer, so the negative
   prompt's keys/values are the layer's own projections of its embeddings (one small extra attention per layer).
-- MM-DiT (SD3/3.5 joint attention, FLUX double- and single-stream blocks) updates the text tokens block by
-  block, so the negative prompt's tokens run as a second text stream beside the first, on the guided rows, as
-  if each block ran on [negative stream; the call's own image stream] with its image output discarded (as
-  the official code does, where the negative rows' image tokens are overwritten). Only the text side of that
-  is computed (``Adapter.text_pass``): every step of a block but attention is per token, and the image tokens'
-  keys and values are the call's own, so before each block the negative text's queries/keys/values come from
-  the block's own modules (its text modulation, projections, norms, rotary embedding), and in the block's
-  attention call the negative keys/values replace the text span: the image queries' output is Z-, the text
-  queries' output goes through the block's text output path (``to_add_out``, gated residual, text MLP; a
-  single-stream block's shared MLP and ``proj_out`` on the text tokens only) to give the stream for the next
-  block. On CPU the guided rows' attention is computed here, once for Z+ and Z-: the image queries' scores
-  over the image keys (the largest part) are shared, each output merged from the image-key and text-key parts
-  by their log-sum-exp. The stream advances up to the last block holding a selected layer (that block's text
-  output is never read). Where text tokens carry no position inside the blocks (SD3: ``text_positionless``),
-  identical negative-text tokens stay identical, so the stream carries one of each, counted as keys as often
-  as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the adapter cannot
-  split (another block class, a processor it does not know, fused projections) runs whole once more instead
-  (``text_only = False``: every block, the reference).
-  Differences from the official code: the negative stream is modulated by the call's own pooled text
-  embedding, not the negative prompt's (FLUX); the official code runs FLUX's single-stream blocks on whole
-  [negative text; image] rows and carries the stream through every block.
+- MM-DiT (SD3/3.5 joint attention; FLUX, FLUX.2 and Chroma double- and single-stream blocks; Qwen-Image's
+  double-stream blocks; Z-Image's single-stream main layers) updates the text tokens block by block, so the negative
+  prompt's tokens run as a second text stream beside the first, on the guided rows, as if each block ran on
+  [negative stream; the call's own image stream] with its image output discarded (as the official code does, where
+  the negative rows' image tokens are overwritten). Only the text side of that is computed (``Adapter.text_pass``):
+  every step of a block but attention is per token, and the image tokens' keys and values are the call's own, so
+  before each block the negative text's queries/keys/values come from the block's own modules (its text modulation,
+  projections, norms, rotary embedding), and in the block's attention call the negative keys/values replace the text
+  span: the image queries' output is Z-, the text queries' output goes through the block's text output path
+  (``to_add_out``, gated residual, text MLP; a single-stream block's shared MLP and ``proj_out`` on the text tokens
+  only) to give the stream for the next block. On CPU the guided rows' attention is computed here, once for Z+ and
+  Z-: the image queries' scores over the image keys (the largest part) are shared, each output merged from the
+  image-key and text-key parts by their log-sum-exp. The stream advances up to the last block holding a selected
+  layer (that block's text output is never read). Where text tokens carry no position inside the blocks (SD3:
+  ``text_positionless``), identical negative-text tokens stay identical, so the stream carries one of each, counted
+  as keys as often as it stands for (a pipeline without T5 has 256 identical zero tokens of 333). A block the
+  adapter cannot split (another block class, a processor it does not know, fused projections) runs whole once more
+  instead (``text_only = False``: every block, the reference).
+  The adapter describes the stream (``Adapter.start_text``, ``attnctl.adapters.base.SecondText``) and where it sits
+  in a block's input: beside the image stream (``encoder_hidden_states``), or joined with it where a single-stream
+  block takes [text; image] (FLUX.2, Chroma) or [image; text] (Z-Image), split at the call's own text. The negative
+  text's padding is masked as the pipeline masks a prompt's (Chroma: its own float mask over [text; image], as
+  ChromaPipeline builds one, 1 on the real tokens and the first pad token; Qwen-Image: a key mask; Z-Image: the
+  batch padding between negatives of different lengths). Qwen-Image and Z-Image keep the negative text at its own
+  length (``Adapter.text_own_length``), with its own positions: Qwen-Image's text RoPE for that length beside the
+  call's image grids; Z-Image's caption refiner runs on it (text only, once per denoiser call) and in the main
+  layers its positions are shifted to end where the call's own caption ends, right before the image tokens, so image
+  and negative caption stand as in a call of the negative prompt (exactly so unless the image has padding tokens,
+  whose position is 0). FLUX.2's reference-image tokens are image-side keys, their queries unguided. Qwen-Image-Edit
+  is refused: its text stream holds the input image's vision tokens, which a negative text encoded alone lacks.
+  Differences from the official code: the negative stream is modulated by the call's own pooled text embedding, not
+  the negative prompt's (FLUX; FLUX.2, Chroma, Qwen-Image and Z-Image modulate by the timestep alone); the official
+  code runs FLUX's single-stream blocks on whole [negative text; image] rows and carries the stream through every
+  block.
 
 Only the conditional rows are guided (the prompt's own; with CFG the unconditional rows stay as they are, and
 rows of extra branches such as PAG's perturbed ones are left alone). The negative prompt is encoded once per
-pipeline call by the pipeline's own text encoders (SD3's three, FLUX's two), at the call's text length.
+pipeline call by the pipeline's own text encoders and template, through its ``encode_prompt`` (SD3's three
+encoders, FLUX's two, FLUX.2's Mistral or Qwen3 chat turn, Chroma's T5, Qwen-Image's Qwen2.5-VL template,
+Z-Image's Qwen3 chat turn), at the call's text length (Qwen-Image, Z-Image: at its own).
 """
 
 from __future__ import annotations
@@ -56,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from ..adapters.base import RowList, SecondText
 from ..errors import ControlError
 from ..layouts import BatchLayout
 from ..select import select
@@ -82,25 +98,60 @@ def normalized_guidance(positive: torch.Tensor, negative: torch.Tensor, scale: f
     return alpha * (guided * factor) + (1 - alpha) * positive
 
 
+def _as_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """An attention mask as a bias added to the scores: a boolean one (True: may attend) as 0 / -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _query_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The query rows ``rows`` of a mask broadcastable to (B, H, S_q, S_k) (all of it where it is per key)."""
+    return mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+
+
+def _moved(part: slice, text: slice, span: slice) -> slice:
+    """Where ``part`` of a call's sequence (outside its text span ``text``) sits once ``span`` replaces that span."""
+    shift = span.stop - text.stop if part.start >= text.stop else 0
+    return slice(part.start + shift, part.stop + shift)
+
+
 def _negative_keys(k: torch.Tensor, v: torch.Tensor, split, text: slice, log_counts: torch.Tensor | None):
     """Keys and values (B, H, S', D) of a call with the negative text's (``split``) in place of its text span,
-    that span in them, and the additive key bias (S',) where the negative text's tokens stand for several
-    identical ones (``log_counts``; None: one each)."""
+    that span in them, and the additive mask of a call laid out so (broadcastable to (B, H, S', S')): the
+    negative text's own (``split.mask``, e.g. its padding) and, where its tokens stand for several identical
+    ones (``log_counts``), the log of each one's count on its key; None: neither."""
     k = torch.cat([k[:, :, : text.start], split.k.to(k.dtype), k[:, :, text.stop:]], dim=2)
     v = torch.cat([v[:, :, : text.start], split.v.to(v.dtype), v[:, :, text.stop:]], dim=2)
     span = slice(text.start, text.start + split.k.shape[2])
-    if log_counts is None:
-        return k, v, span, None
-    bias = torch.zeros(k.shape[2], dtype=k.dtype, device=k.device)
-    bias[span] = log_counts.to(k.dtype)
-    return k, v, span, bias
+    mask = None
+    if log_counts is not None:
+        mask = torch.zeros(k.shape[2], dtype=k.dtype, device=k.device)
+        mask[span] = log_counts.to(k.dtype)
+        mask = mask[None, None, None, :]
+    if split.mask is not None:
+        own = _as_bias(split.mask, k.dtype)
+        mask = own if mask is None else mask + own
+    return k, v, span, mask
+
+
+def _shares_image_keys(split, text: slice) -> bool:
+    """Whether the negative text's attention reads the call's other keys unmasked, with a mask (if any) per key:
+    then the image queries' scores over them can be shared with the call's own attention."""
+    mask = split.mask
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool or mask.shape[-2] != 1:
+        return False
+    span = slice(text.start, text.start + split.k.shape[2])
+    return bool(mask[..., : span.start].all()) and bool(mask[..., span.stop:].all())
 
 
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(D) + bias) v (B, H, Sq, D) and the log-sum-exp of those scores (B, H, Sq); ``bias``
-    (Sk,) per key or None. PyTorch's CPU flash kernel, which returns both (no bias, a CPU tensor of a dtype it
-    takes), else in chunks of 1024 queries."""
+    per key, (Sk,) or (B or 1, 1, 1, Sk), or None. PyTorch's CPU flash kernel, which returns both (no bias, a
+    CPU tensor of a dtype it takes), else in chunks of 1024 queries."""
     if bias is None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
                                                                torch.float16):
         try:
@@ -188,12 +239,7 @@ class Nag(Control):
 
     name = "nag"
     Options = NagOptions
-    families = ("sd15", "sdxl", "sd3", "flux")
-    family_notes = {
-        family: "a second (negative) text must be encoded by the family's own text encoders and carried through "
-                "its text stream, which attnctl's adapter does not do yet for this family"
-        for family in ("flux2", "chroma", "qwenimage", "zimage")
-    }
+    families = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", "zimage")
 
     @property
     def active(self) -> bool:
@@ -214,13 +260,16 @@ class Nag(Control):
         self._modules = {site.name: module for site, module in session.site_modules if site.name in sites}
         self._guided = set(sites)
         self._blocks: list[tuple[str, torch.nn.Module, str | None]] = []  # (block, module, its text site)
-        if not session.adapter.text_stream:
+        adapter = session.adapter
+        if not adapter.text_stream:
             return sites
+        why = adapter.second_text_unsupported(session.pipe)
+        if why:
+            raise ControlError(f"control 'nag' cannot run on {type(session.pipe).__name__}: {why}")
         # MM-DiT: the blocks that carry text, up to the last one holding a selected layer; their text sites are
         # hooked too (unguided ones only advance the negative stream, with the call's own image keys/values).
         text_sites = [site.name for site in session.sites if site.kind in TEXT_KINDS]
-        blocks = [(name, module) for name, module in session.adapter.blocks(session.denoiser)
-                  if "encoder_hidden_states" in inspect.signature(module.forward).parameters]
+        blocks = adapter.text_blocks(session.denoiser)
 
         def site_in(name):
             inside = [s for s in text_sites if s.startswith(name + ".")]
@@ -233,10 +282,11 @@ class Nag(Control):
 
     # -- per pipeline call ---------------------------------------------------------------------------------
     def on_call_start(self, session):
-        self._embeds: dict[tuple, torch.Tensor] = {}  # (negative texts, text_len, device, dtype) -> embeddings
+        # (negative texts, text_len, device, dtype) -> (embeddings, mask of their real tokens)
+        self._embeds: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._captured: dict[str, torch.Tensor] = {}
         self._capturing = False
-        self._stream: torch.Tensor | None = None
+        self._text: SecondText | None = None  # the negative text stream before the next block
         self._share: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _identical_tokens
         self._passes: dict[str, tuple] = {}  # site -> (TextPass, whether the stream advances) for its block
         self._calls = 0
@@ -270,18 +320,28 @@ class Nag(Control):
             return negatives[0]
         return negatives[min(sample // session.images_per_prompt, len(negatives) - 1)]
 
-    def _negative_embeds(self, session, samples: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The negative prompt's text embeddings for ``samples``: (len(samples), S, C) like the call's ``like``."""
+    def _negative_embeds(self, session, samples: tuple[int, ...], like) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negative prompt's text embeddings for ``samples`` (len(samples), S, C) like the call's text ``like``
+        (a tensor, or a ``RowList`` of per-row texts), and the (len(samples), S) mask of their real tokens (None:
+        all real)."""
         texts = tuple(self._negative_of(session, s) for s in samples)
-        key = (texts, like.shape[1], like.device, like.dtype)
+        first = like[0] if isinstance(like, RowList) else like
+        text_len = None if isinstance(like, RowList) else like.shape[1]
+        key = (texts, text_len, first.device, first.dtype)
         if key not in self._embeds:
+            adapter = session.adapter
             distinct = sorted(set(texts))
-            encoded = session.adapter.encode_text(session.pipe, distinct, like.shape[1], like.device, like.dtype)
-            if encoded.shape[1] != like.shape[1]:
-                raise ControlError(f"control 'nag': the negative prompt encodes to {encoded.shape[1]} text tokens, "
-                                   f"the prompt to {like.shape[1]}; they must match")
-            by_text = dict(zip(distinct, encoded))
-            self._embeds[key] = torch.stack([by_text[t] for t in texts])
+            encoded = adapter.encode_text(session.pipe, distinct, text_len, first.device, first.dtype)
+            embeds, mask = encoded if isinstance(encoded, tuple) else (encoded, None)
+            if not adapter.text_own_length and embeds.shape[1] != text_len:
+                raise ControlError(f"control 'nag': the negative prompt encodes to {embeds.shape[1]} text tokens, "
+                                   f"the prompt to {text_len}; they must match")
+            index = torch.as_tensor([distinct.index(t) for t in texts], device=embeds.device)
+            embeds = embeds[index]
+            if mask is not None:
+                mask = mask[index.to(mask.device)]
+                mask = None if bool(mask.all()) else mask
+            self._embeds[key] = (embeds, mask)
         return self._embeds[key]
 
     # -- MM-DiT: the negative text stream ----------------------------------------------------------------------
@@ -303,44 +363,46 @@ class Nag(Control):
         """Before block ``index``: the negative stream's side of it on the guided rows. Where the adapter splits
         the block (``text_pass``), only the negative text's queries/keys/values here; its attention and the
         stream's update happen in the block's own attention call (``_text_attention``) with that call's image
-        keys/values. Otherwise the whole block runs once more on [negative stream; image stream]."""
+        keys/values. Otherwise the whole block runs once more on [negative stream; image stream]
+        (``Adapter.with_text``)."""
         frame = session.frame
         if frame is None or not self.options.window.contains(frame.step.progress):
             return
         cond = frame.layout.rows("cond")
         if not cond:
             return
+        adapter = session.adapter
         bound = signature.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
-        text = arguments["encoder_hidden_states"]
         if index == 0:
             self._passes.clear()
-            positive = frame.params[session.adapter.text_arg]
             samples = tuple(frame.layout.samples[r] for r in cond)
-            self._stream = session.adapter.embed_text(session.denoiser,
-                                                      self._negative_embeds(session, samples, positive))
+            embeds, mask = self._negative_embeds(session, samples, frame.params[adapter.text_arg])
+            text = adapter.start_text(session.denoiser, embeds, mask, frame.params, cond)
             self._share = None
-            if self.text_only and session.adapter.text_positionless:
-                self._share = _identical_tokens(self._stream)
+            if self.text_only and adapter.text_positionless and text.mask is None:
+                self._share = _identical_tokens(text.tokens)
                 if self._share is not None:
-                    self._stream = self._stream[:, self._share[0]]
-        if self._stream is None or text is None:
+                    text = replace(text, tokens=text.tokens[:, self._share[0]])
+            self._text = text
+        if self._text is None:
             return
-        skip = session.adapter.block_unbatched_args
+        skip = adapter.block_unbatched_args
         for name, value in arguments.items():
-            if name in skip or name == "encoder_hidden_states":
+            if name in skip:
                 continue
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == len(frame.layout):
                 arguments[name] = value[cond]
         if self.text_only and site is not None:
-            split = session.adapter.text_pass(module, self._stream, arguments)
+            split = adapter.text_pass(module, self._text, arguments)
             if split is not None:
                 self._passes[site] = (split, not is_last)
                 self.block_passes["text"] += 1
                 return
         self.block_passes["block"] += 1
         share = self._share
-        arguments["encoder_hidden_states"] = self._stream if share is None else self._stream[:, share[1]]
+        whole = self._text if share is None else replace(self._text, tokens=self._text.tokens[:, share[1]])
+        arguments = adapter.with_text(module, arguments, whole)
         narrow = replace(frame, layout=BatchLayout(("cond",) * len(cond), tuple(frame.layout.samples[r] for r in cond),
                                                     frame.layout.kind))
         hooks = session.hooks
@@ -351,9 +413,10 @@ class Nag(Control):
             out = module.forward(**arguments)
         finally:
             session.frame, session.hooks, self._capturing = frame, hooks, False
-        self._stream = out[0] if isinstance(out, tuple) else None
-        if share is not None and self._stream is not None:
-            self._stream = self._stream[:, share[0]]
+        tokens = adapter.text_after(module, out, whole)
+        if tokens is not None and share is not None:
+            tokens = tokens[:, share[0]]
+        self._text = None if tokens is None else replace(self._text, tokens=tokens)
 
     def _text_attention(self, call, split, advance: bool, cond: list[int], guided: bool):
         """The negative text's side of an attention call, on its own: keys/values are the call's own on the guided
@@ -361,20 +424,21 @@ class Nag(Control):
         ``guided``, the text queries' output where ``advance``). One attention over the queries needed."""
         text, image = call.text, call.image
         rows = torch.as_tensor(cond, device=call.q.device)
-        k, v, span, bias = _negative_keys(call.k[rows], call.v[rows], split, text, self._log_counts)
-        mask = bias[None, None, None, :] if bias is not None else None
+        k, v, span, mask = _negative_keys(call.k[rows], call.v[rows], split, text, self._log_counts)
+        image_at = _moved(image, text, span)
         negative = negative_text = None
-        if guided and advance and bias is None:  # one call: the call's own query layout, its text span replaced
+        if guided and advance and self._log_counts is None:  # one call: the call's queries, its text span replaced
             q = torch.cat([call.q[rows][:, :, : text.start], split.q.to(k.dtype), call.q[rows][:, :, text.stop:]], 2)
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
-            return out[:, :, image], out[:, :, span]
+            return out[:, :, image_at], out[:, :, span]
         if guided:
             q = call.q[rows][:, :, image]
-            negative = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            negative = F.scaled_dot_product_attention(q, k, v, attn_mask=_query_rows(mask, image_at))
             self.attention_pairs += q.shape[0] * q.shape[2] * k.shape[2]
         if advance:
-            negative_text = F.scaled_dot_product_attention(split.q.to(k.dtype), k, v, attn_mask=mask)
+            negative_text = F.scaled_dot_product_attention(split.q.to(k.dtype), k, v,
+                                                           attn_mask=_query_rows(mask, span))
             self.attention_pairs += split.q.shape[0] * split.q.shape[2] * k.shape[2]
         return negative, negative_text
 
@@ -383,20 +447,20 @@ class Nag(Control):
         queries' scores over the image keys, the largest part, are computed once for Z+ and Z- (each softmax
         over [image; text] keys is that part's output and log-sum-exp merged with the text keys' part: the same
         softmax, rounded differently). The text queries (the prompt's, and the negative text's where
-        ``advance``) attend in one batched call. Puts Z- and the negative text's output in ``shared``."""
+        ``advance``) attend in one batched call. Puts Z- and the negative text's output in ``shared``. Only where
+        the negative text's mask (if any) is per key and leaves the other keys alone (``_shares_image_keys``)."""
         n = q.shape[0]
-        k_neg, v_neg, span, bias = _negative_keys(k, v, split, text, self._log_counts)
+        k_neg, v_neg, span, mask = _negative_keys(k, v, split, text, self._log_counts)
         q_image = q[:, :, image]
         own = _attention_lse(q_image, k[:, :, image], v[:, :, image])
         z_plus = _merge(own, _attention_lse(q_image, k[:, :, text], v[:, :, text]))
         shared["image"] = _merge(own, _attention_lse(q_image, split.k.to(k.dtype), split.v.to(v.dtype),
-                                                     self._log_counts))
+                                                     None if mask is None else mask[..., span]))
         out = q.new_empty(q.shape[:3] + v.shape[3:])
         out[:, :, image] = z_plus.to(out.dtype)
-        if advance and bias is not None:  # the negative keys are fewer: a call of their own
+        if advance and (mask is not None or k_neg.shape[2] != k.shape[2]):  # fewer, more or masked keys: apart
             out[:, :, text] = F.scaled_dot_product_attention(q[:, :, text], k, v)
-            shared["text"] = F.scaled_dot_product_attention(split.q.to(q.dtype), k_neg, v_neg,
-                                                            attn_mask=bias[None, None, None, :])
+            shared["text"] = F.scaled_dot_product_attention(split.q.to(q.dtype), k_neg, v_neg, attn_mask=mask)
         elif advance:
             both = F.scaled_dot_product_attention(torch.cat([q[:, :, text], split.q.to(q.dtype)]),
                                                   torch.cat([k, k_neg]), torch.cat([v, v_neg]))
@@ -424,7 +488,12 @@ class Nag(Control):
         if site in self._passes:
             split, advance = self._passes.pop(site)
             text = call.text
-            expected = text.stop - text.start if self._share is None else len(self._share[0])
+            if self._share is not None:
+                expected = len(self._share[0])
+            elif call.session.adapter.text_own_length:  # the negative text keeps its own length
+                expected = self._text.tokens.shape[1]
+            else:
+                expected = text.stop - text.start
             if split.k.shape[2] != expected:
                 raise ControlError(f"control 'nag': the negative text has {split.k.shape[2]} tokens at {site}, "
                                    f"expected {expected}")
@@ -441,7 +510,7 @@ class Nag(Control):
             samples = tuple(call.layout.samples[r] for r in cond)
             positive = call.frame.params[call.session.adapter.text_arg]
             embeds = self._negative_embeds(call.session, samples, positive if not isinstance(positive, tuple)
-                                           else positive[0])
+                                           else positive[0])[0]
             key, value = call.session.adapter.project_text(self._modules[site], embeds)
             negative = F.scaled_dot_product_attention(call.q[cond], key.to(call.q.dtype), value.to(call.q.dtype))
         self._calls += 1
@@ -458,7 +527,7 @@ class Nag(Control):
         text, image = call.text, call.image
         shared: dict[str, torch.Tensor] = {}
         whole = (text.stop - text.start) + (image.stop - image.start) == call.q.shape[2] == call.k.shape[2]
-        if guided and whole and call.q.device.type == "cpu":
+        if guided and whole and call.q.device.type == "cpu" and _shares_image_keys(split, text):
             call.take_rows(cond, lambda q, k, v: self._shared_attention(q, k, v, split, text, image, advance, shared))
         if guided:
             self._calls += 1
@@ -470,7 +539,7 @@ class Nag(Control):
             else:  # the backend computed the guided rows (another control changed them, or not on CPU)
                 negative, negative_text = self._text_attention(call, split, advance, cond, guided)
             if advance:
-                self._stream = split.finish(negative_text)
+                self._text = replace(self._text, tokens=split.finish(negative_text))
             return self._guide(out, negative, cond, image) if guided else out
 
         call.then(after)
