@@ -1,6 +1,7 @@
 """Model strings -> pipelines, one resolver used by the CLI, recipes, the app and Python.
 
-``tiny:sd15`` | ``tiny:sdxl`` | ``tiny:sd3`` | ``tiny:flux``: random tiny pipelines built offline (tests, docs).
+``tiny:sd15`` | ``tiny:sdxl`` | ``tiny:sd3`` | ``tiny:flux`` | ``tiny:flux2`` | ``tiny:flux2-dev`` | ...: random tiny
+pipelines built offline (tests, docs; ``attnctl.testing.TINY_FAMILIES``).
 ``shapes`` | ``shapes-dit``: the embedded ShapesWorld models shipped in the package (when present).
 A local folder or a hub id: ``DiffusionPipeline.from_pretrained`` (safetensors only unless
 ``allow_pickle=True``). The family is detected from the loaded pipeline by the adapters.
@@ -125,13 +126,13 @@ def model_family(model: str) -> str | None:
     import json
 
     from .adapters import family_from_index
-    from .testing import TINY_FAMILIES
+    from .testing import TINY_ADAPTER_FAMILY, TINY_FAMILIES
 
     if not isinstance(model, str):
         return None
     if model.startswith("tiny:"):
         family = model.split(":", 1)[1]
-        return family if family in TINY_FAMILIES else None
+        return TINY_ADAPTER_FAMILY.get(family, family) if family in TINY_FAMILIES else None
     folder = embedded_path(model) if model in EMBEDDED else (Path(model) if os.path.isdir(model) else None)
     if folder is None:
         return None

@@ -21,7 +21,7 @@ from .models import model_family
 class Recipe(StrictOptions):
     """One generation job. Any list-valued ``prompt``/``seeds`` makes one image per (prompt, seed)."""
 
-    model: str = Field("shapes", description="Model string: shapes, shapes-dit, tiny:sd15|sdxl|sd3|flux|flux2|chroma|qwenimage|zimage, folder or hub id.")
+    model: str = Field("shapes", description="Model string: shapes, shapes-dit, tiny:sd15|sdxl|sd3|flux|flux2|flux2-dev|chroma|qwenimage|zimage, folder or hub id.")
     prompt: str | list[str] = Field(description="Prompt, or a list of prompts (one image per prompt and seed).")
     negative_prompt: str | None = Field(None, description="Negative prompt (pipelines with CFG).")
     seeds: int | list[int] = Field(0, description="Seed or list of seeds.")

@@ -2,7 +2,8 @@
 
 ``tiny_pipeline("sd15" | "sdxl" | "sd3" | "flux")`` returns a stock diffusers pipeline whose components are
 random, tiny and deterministic for a seed. They have several heads per attention layer (so head addressing can
-be tested), FLUX.2 is [klein] with real CFG (``attnctl.testing_flux2``), SD3 includes SD3.5's features (qk-norm and a dual-attention block), FLUX has double- and
+be tested), FLUX.2 is [klein] with real CFG and [dev] (``flux2-dev``, a Mistral3 text encoder, guidance-distilled)
+(``attnctl.testing_flux2``), SD3 includes SD3.5's features (qk-norm and a dual-attention block), FLUX has double- and
 single-stream blocks and guidance embedding (a guidance-distilled, FLUX.1-dev-like layout). Users can import
 these for their own tests; the model strings ``tiny:sd15`` ... resolve here.
 """
@@ -14,11 +15,14 @@ import torch
 from .errors import ModelError
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "chroma", "qwenimage", "zimage")
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux2", "flux2-dev", "chroma", "qwenimage", "zimage")
+
+# Tiny pipelines named after their pipeline rather than their adapter family (``tiny:flux2-dev`` is a FLUX.2 one).
+TINY_ADAPTER_FAMILY = {"flux2-dev": "flux2"}
 
 # Sizes the tiny pipelines are meant to run at (pixels); any multiple of 16 works.
-TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "chroma": 32, "qwenimage": 32,
-             "zimage": 32}
+TINY_SIZE = {"sd15": 32, "sdxl": 32, "sd3": 32, "flux": 32, "flux2": 32, "flux2-dev": 32, "chroma": 32,
+             "qwenimage": 32, "zimage": 32}
 
 
 def _clip_config(vocab_size: int, hidden: int = 32, projection_dim: int | None = None):
@@ -182,6 +186,12 @@ def _flux2(tokenizer):
     return flux2_klein()
 
 
+def _flux2_dev(tokenizer):
+    from .testing_flux2 import flux2_dev  # FLUX.2 [dev] with a Mistral3 text encoder: its own tokenizer
+
+    return flux2_dev()
+
+
 def _chroma(tokenizer):
     from .testing_chroma import chroma  # T5 only: its own tokenizer
 
@@ -200,8 +210,8 @@ def _zimage(tokenizer):
     return tiny_zimage()
 
 
-_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "chroma": _chroma,
-             "qwenimage": _qwenimage, "zimage": _zimage}
+_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2, "flux2-dev": _flux2_dev,
+             "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage}
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -241,6 +251,9 @@ def tiny_call_kwargs(family: str, steps: int = 3, seed: int = 0, **overrides) ->
         kwargs["guidance_scale"] = 4.0
     elif family == "flux2":
         kwargs["max_sequence_length"] = 32  # the chat turn's 14 tokens + the prompt + padding
+        kwargs["guidance_scale"] = 4.0
+    elif family == "flux2-dev":  # guidance-distilled: the scale goes into the guidance embedding, one call per step
+        kwargs["max_sequence_length"] = 48  # the system message's 31 tokens + the user turn + padding
         kwargs["guidance_scale"] = 4.0
     elif family == "qwenimage":  # one call per step; true CFG (negative_prompt, true_cfg_scale > 1) adds a second
         kwargs.update(guidance_scale=None, true_cfg_scale=1.0)  # not guidance-distilled

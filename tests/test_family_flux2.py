@@ -1,8 +1,12 @@
-"""FLUX.2 ([klein] base on ``tiny:flux2``): the adapter, stock equality, every control, PAG parity, bad input.
+"""FLUX.2 ([klein] base on ``tiny:flux2``, [dev] on ``tiny:flux2-dev``, [klein] KV): the adapter, stock equality,
+every control, PAG parity, bad input.
 
 Real components only: diffusers' ``Flux2KleinPipeline`` with tiny random weights (its processors, its CFG call,
-its reference-image conditioning) and, for parity, diffusers' modular FLUX.2 [klein] base pipeline with its
-``PerturbedAttentionGuidance`` guider.
+its reference-image conditioning), ``Flux2Pipeline`` ([dev]: a Mistral3 text encoder, its system message and
+chat template, guidance-distilled) and ``Flux2KleinKVPipeline`` (KV-cache processors) with the same transformer
+and VAE, and, for parity, diffusers' modular FLUX.2 [klein] base pipeline with its ``PerturbedAttentionGuidance``
+guider. The tests every FLUX.2 pipeline must pass run on [klein] and [dev]
+(``each``); the ones about [klein]'s CFG call, its modular pipeline, masks and inversion on [klein] only.
 """
 
 import numpy as np
@@ -27,13 +31,39 @@ JOINT = "transformer_blocks.0.attn"
 SINGLE = "single_transformer_blocks.0.attn"
 
 
+PIPELINES = ("flux2", "flux2-dev")
+
+
 @pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline("flux2")
+def built():
+    """Each tiny pipeline, built once for the module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = tiny_pipeline(name)
+        return cache[name]
+
+    return get
 
 
-def kwargs(**overrides):
-    return tiny_call_kwargs("flux2", **overrides)
+@pytest.fixture(scope="module")
+def pipe(built):  # FLUX.2 [klein] base
+    return built("flux2")
+
+
+@pytest.fixture(params=PIPELINES)
+def each(request, built):
+    """(name, pipeline): FLUX.2 [klein] base and FLUX.2 [dev]."""
+    return request.param, built(request.param)
+
+
+def kwargs(name="flux2", **overrides):
+    return tiny_call_kwargs(name, **overrides)
+
+
+def calls_per_step(name):  # [klein] base: CFG's uncond call after the cond call; [dev]: guidance-distilled
+    return 2 if name == "flux2" else 1
 
 
 def reference_image(seed=0, size=64):  # FLUX.2 takes references of at least 64 px
@@ -66,45 +96,53 @@ class Probe(Control):
 
 
 # -- the adapter ---------------------------------------------------------------------------------------------
-def test_sites_kinds_and_reference_token_spans(pipe):
+def test_sites_kinds_and_reference_token_spans(each):
+    name, pipe = each
     session = attnctl.engine.Session(pipe)
     assert session.family == "flux2"
     assert [(s.name, s.kind, s.heads, s.head_dim) for s in session.sites] == [
         (JOINT, "joint", 4, 8), (SINGLE, "single", 4, 8), ("single_transformer_blocks.1.attn", "single", 4, 8)]
     probe = Probe([JOINT, SINGLE])
     with apply(pipe, probe):
-        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=1))
+    n_text = kwargs(name)["max_sequence_length"]
+    assert len(probe.calls) == 2 * calls_per_step(name)
     for record in probe.calls:
-        # [text (32); generated image (8 x 8); reference image (16 x 16)]: the image span is the generated image only
-        assert record["text"] == slice(0, 32)
-        assert record["image"] == slice(32, 96)
-        assert record["q"].shape[2] == 32 + 64 + 256
+        # [text (32 / 48); generated image (8 x 8); reference image (16 x 16)]: the image span is the generated
+        # image only
+        assert record["text"] == slice(0, n_text)
+        assert record["image"] == slice(n_text, n_text + 64)
+        assert record["q"].shape[2] == n_text + 64 + 256
         assert record["grid"] == (8, 8)
 
 
 # -- with no control, stock diffusers -----------------------------------------------------------------------
 @pytest.mark.parametrize("reference", [False, True])
-def test_no_control_equals_stock_bit_for_bit_and_hooks_within_1e5(pipe, reference):
+def test_no_control_equals_stock_bit_for_bit_and_hooks_within_1e5(each, reference):
     """No control: torch.equal (CFG's second call, reference images). A control at every site that changes
     nothing routes every call through attnctl's attention: within 1e-5 of stock."""
+    name, pipe = each
     extra = {"image": [reference_image()]} if reference else {}
-    stock = pipe(prompt=PROMPT, **kwargs(), **extra).images
+    stock = pipe(prompt=PROMPT, **kwargs(name), **extra).images
     with apply(pipe, []):
-        ours = pipe(prompt=PROMPT, **kwargs(), **extra).images
+        ours = pipe(prompt=PROMPT, **kwargs(name), **extra).images
     assert torch.equal(stock, ours)
     session = attnctl.engine.Session(pipe)
     with apply(pipe, Probe([s.name for s in session.sites])) as run:
-        hooked = pipe(prompt=PROMPT, **kwargs(), **extra).images
+        hooked = pipe(prompt=PROMPT, **kwargs(name), **extra).images
     torch.testing.assert_close(hooked, stock, atol=1e-5, rtol=0)
-    assert run.attention_calls == 3 * 3 * 2  # 3 sites x 3 steps x (cond + uncond call)
+    assert run.attention_calls == 3 * 3 * calls_per_step(name)  # 3 sites x 3 steps x (cond [+ uncond] call)
 
 
 # -- perturb ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("site", [JOINT, SINGLE])
-def test_perturbing_a_head_changes_only_that_head(pipe, site):
+def test_perturbing_a_head_changes_only_that_head(each, site):
+    name, pipe = each
     probe = Probe([site])
     with apply(pipe, [Perturb(scale=1.0, layers=f"{site}:heads=1"), probe]):
-        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=2))
+        guided = pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=2)).images
+    plain = pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=2)).images
+    assert (guided - plain).abs().max() > 1e-4  # PAG's guidance moved the image
     perturbed_calls = [r for r in probe.calls if r["layout"].has("perturb")]
     assert perturbed_calls
     for record in perturbed_calls:
@@ -116,12 +154,13 @@ def test_perturbing_a_head_changes_only_that_head(pipe, site):
         torch.testing.assert_close(perturbed[:, :, text], cond[:, :, text], atol=0, rtol=0)
 
 
-def test_image_mode_identity_covers_reference_tokens_float64(pipe):
+def test_image_mode_identity_covers_reference_tokens_float64(each):
     """mode=image at a joint site with a reference image: text queries attend to everything, every other token
     (generated and reference) to the text and itself; checked against an explicit float64 masked softmax."""
+    name, pipe = each
     probe = Probe([JOINT])
     with apply(pipe, [Perturb(scale=1.0, layers=[JOINT], mode="image"), probe]):
-        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=1))
     record = next(r for r in probe.calls if r["layout"].has("perturb"))
     rows = record["layout"].rows("perturb")
     q, k, v = (record[n][rows].double() for n in ("q", "k", "v"))
@@ -207,13 +246,15 @@ def _unpack(pipe, theirs, like):
 RED, BLUE = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 
 
-def test_hard_regions_confine_each_phrase_to_its_box_with_a_reference_image(pipe):
+def test_hard_regions_confine_each_phrase_to_its_box_with_a_reference_image(each):
+    name, pipe = each
     regions = Regions(regions=[{"phrase": "red circle", "box": list(RED)}, {"phrase": "blue square", "box": list(BLUE)}],
                       mode="hard", window={"start": 0, "stop": 1})
     probe = Probe([JOINT, SINGLE])
     with apply(pipe, [regions, probe]) as session:
-        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=1))
         positions = {p: session.text_positions(0, p) for p in ("red circle", "blue square")}
+    assert all(len(p) == 2 for p in positions.values())
     assert probe.calls
     for record in probe.calls:
         cond = record["layout"].rows("cond")
@@ -295,17 +336,19 @@ def test_reference_grids_of_a_call(pipe):
     assert seen[0] == [(16, 16), (24, 24)] and seen[-1] == []
 
 
-def test_excite_raises_the_weakest_subject(pipe):
+def test_excite_raises_the_weakest_subject(each):
     """The weakest subject's max image->text attention (A&E's loss is 1 minus it), after iterative refinement
     at step 0 and an update at step 1, against the same run with a negligible step size."""
-    check_excite_raises_the_weakest_subject(pipe, PROMPT, SINGLE, lambda: kwargs(steps=3))
+    name, pipe = each
+    check_excite_raises_the_weakest_subject(pipe, PROMPT, SINGLE, lambda: kwargs(name, steps=3))
 
 
-def test_maps_are_the_image_queries_softmax_column(pipe):
+def test_maps_are_the_image_queries_softmax_column(each):
+    name, pipe = each
     maps = Maps(words=["circle"], layers=[SINGLE])
     probe = Probe([SINGLE])
     with apply(pipe, [maps, probe]) as session:
-        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(steps=1))
+        pipe(prompt=PROMPT, image=[reference_image()], **kwargs(name, steps=1))
         at = session.text_positions(0, "circle")
     assert len(at) == 1
     cond = [r for r in probe.calls if r["layout"].has("cond")]
@@ -318,11 +361,12 @@ def test_maps_are_the_image_queries_softmax_column(pipe):
     torch.testing.assert_close(maps.maps["circle"].double(), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_edit_word_swap_runs_on_joint_attention(pipe):
+def test_edit_word_swap_runs_on_joint_attention(each):
+    name, pipe = each
     edit = Edit()
     with apply(pipe, edit):
-        out = pipe(prompt=["a red circle", "a blue circle"], **kwargs(steps=2)).images
-    plain = pipe(prompt=["a red circle", "a blue circle"], **kwargs(steps=2)).images
+        out = pipe(prompt=["a red circle", "a blue circle"], **kwargs(name, steps=2)).images
+    plain = pipe(prompt=["a red circle", "a blue circle"], **kwargs(name, steps=2)).images
     assert (out[1] - plain[1]).abs().max() > 1e-4  # the target follows the source's attention
     torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)
 
@@ -352,8 +396,8 @@ def test_editing_a_real_image_runs_end_to_end(pipe):
     assert result.inversion.generate_kwargs(["a red circle", "a blue circle"])["negative_prompt_embeds"].shape[0] == 2
 
 
-def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):
-    class Processor:  # FLUX.2 [dev]'s Mistral processor is not a tokenizer attnctl can read words through
+def test_a_tokenizer_without_chat_template_is_a_clear_error(pipe):
+    class Processor:  # neither a tokenizer nor a processor with a chat template: no way to place the prompt
         pass
 
     adapter = attnctl.engine.Session(pipe).adapter
@@ -362,7 +406,159 @@ def test_dev_pipeline_tokenizer_without_chat_template_is_a_clear_error(pipe):
         adapter.text_segments(fake)
 
 
-def test_interpolate_anchors_are_plain_and_frames_move_between_them(pipe):
+def test_interpolate_anchors_are_plain_and_frames_move_between_them(each):
     from interpolation_checks import check_interpolation
 
-    check_interpolation(pipe, "flux2")
+    name, pipe = each
+    check_interpolation(pipe, name)
+
+
+# -- words inside the chat templates ([klein]: Qwen3's user turn; [dev]: Mistral's system message and user turn) --
+def _text_encoder_ids(pipe, prompt, **call):
+    """The input ids the pipeline gives its text encoder for ``prompt`` (its own template and tokenization)."""
+    seen = []
+    forward = pipe.text_encoder.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    pipe.text_encoder.forward = record
+    try:
+        pipe.encode_prompt(prompt=prompt, device="cpu", max_sequence_length=call["max_sequence_length"])
+    finally:
+        del pipe.text_encoder.forward
+    return seen[0][0].tolist()
+
+
+@pytest.mark.parametrize("phrase, tokens", [("circle", ["Ġcircle"]), ("blue square", ["Ġblue", "Ġsquare"]),
+                                            ("a#2", ["Ġa"]), ("a", ["a", "Ġa"])])
+def test_word_positions_index_the_text_encoders_own_input_ids(each, phrase, tokens):
+    """The positions attnctl finds are where the phrase's tokens are in the ids the text encoder gets (so in the
+    text span of every attention call): after [klein]'s ``<|im_start|>user\n`` (6 tokens), after [dev]'s begin
+    token, system message (30 tokens with its [SYSTEM_PROMPT] tags) and [INST]."""
+    name, pipe = each
+    ids = _text_encoder_ids(pipe, PROMPT, **kwargs(name))
+    with apply(pipe, Maps(words=["circle"], layers=[SINGLE])) as session:
+        pipe(prompt=PROMPT, **kwargs(name, steps=1))
+        positions = session.text_positions(0, phrase)
+    tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
+    assert tokenizer.convert_ids_to_tokens([ids[p] for p in positions]) == tokens
+    first = {"flux2": 6, "flux2-dev": 31}[name]  # the prompt's first token ("a")
+    assert session.text_positions(0, "a#1") == [first]
+
+
+def test_dev_with_a_processor_places_words_as_with_its_tokenizer(built):
+    """FLUX.2 [dev] ships a PixtralProcessor; transformers' ``ProcessorMixin.apply_chat_template`` (which it
+    inherits) tokenizes the rendered template without adding special tokens when it starts with the begin token.
+    A text-only processor on the same tokenizer: the same image (torch.equal) and the same word positions."""
+    from transformers import ProcessorMixin
+
+    class TextProcessor(ProcessorMixin):  # PixtralProcessor without the image half (which needs torchvision)
+        def __init__(self, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(tokenizer, chat_template=chat_template)
+
+        def __call__(self, text=None, images=None, **kwargs):
+            return self.tokenizer(text, **kwargs)
+
+    pipe = built("flux2-dev")
+    tokenizer = pipe.tokenizer
+    plain = pipe(prompt=PROMPT, **kwargs("flux2-dev", steps=1)).images
+    with apply(pipe, Maps(words=["circle"], layers=[SINGLE])) as session:
+        pipe(prompt=PROMPT, **kwargs("flux2-dev", steps=1))
+        expected = {p: session.text_positions(0, p) for p in ("circle", "blue square")}
+    pipe.tokenizer = TextProcessor(tokenizer, chat_template=tokenizer.chat_template)
+    try:
+        assert torch.equal(pipe(prompt=PROMPT, **kwargs("flux2-dev", steps=1)).images, plain)
+        with apply(pipe, Maps(words=["circle"], layers=[SINGLE])) as session:
+            pipe(prompt=PROMPT, **kwargs("flux2-dev", steps=1))
+            assert {p: session.text_positions(0, p) for p in expected} == expected
+    finally:
+        pipe.tokenizer = tokenizer
+
+
+def test_left_padding_is_a_clear_error(each):
+    name, pipe = each
+    adapter = attnctl.engine.Session(pipe).adapter
+    tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
+    tokenizer.padding_side = "left"
+    try:
+        with pytest.raises(ModelError, match="pads on the left.*only with right padding"):
+            adapter.text_segments(pipe)
+    finally:
+        tokenizer.padding_side = "right"
+
+
+def test_mistral_tokenizer_words_are_one_token_after_the_begin_token():
+    from attnctl.testing_flux2 import MISTRAL_CHAT_TEMPLATE, mistral_tokenizer
+
+    tokenizer = mistral_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a red circle, You").input_ids) == [
+        "<s>", "a", "Ġred", "Ġcircle", ",", "ĠYou"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("[INST]cat[/INST]", add_special_tokens=False).input_ids) == [
+        "[INST]", "cat", "[/INST]"]
+    assert (tokenizer.padding_side, tokenizer.pad_token, tokenizer.chat_template) == ("right", "<pad>",
+                                                                                       MISTRAL_CHAT_TEMPLATE)
+    assert tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "[INST]"]) == [0, 1, 2, 3]
+
+
+# -- FLUX.2 [klein] KV (Flux2KleinKVPipeline): KV-cache processors ------------------------------------------------
+@pytest.fixture(scope="module")
+def kv():
+    from attnctl.testing_flux2 import flux2_klein_kv
+
+    return flux2_klein_kv()
+
+
+def kv_kwargs(**overrides):  # distilled: no guidance_scale, one call per step
+    call = kwargs(**overrides)
+    call.pop("guidance_scale")
+    return call
+
+
+def test_kv_pipeline_uses_its_kv_processors_and_no_control_equals_stock(kv):
+    processors = {type(m.processor).__name__ for m in kv.transformer.modules() if hasattr(m, "processor")}
+    assert processors == {"Flux2KVAttnProcessor", "Flux2KVParallelSelfAttnProcessor"}
+    for extra in ({}, {"image": [reference_image()]}):  # with a reference: the extract step, then cached steps
+        stock = kv(prompt=PROMPT, **kv_kwargs(), **extra).images
+        with apply(kv, []):
+            assert torch.equal(kv(prompt=PROMPT, **kv_kwargs(), **extra).images, stock)
+
+
+@pytest.mark.parametrize("site", [JOINT, SINGLE])
+def test_kv_pipeline_pag_changes_only_the_chosen_head_and_the_output(kv, site):
+    """Without reference images the KV processors make the standard attention call: head PAG works as on
+    [klein], and maps' word columns are found."""
+    probe = Probe([site])
+    maps = Maps(words=["circle"], layers=[site])
+    with apply(kv, [Perturb(scale=1.0, layers=f"{site}:heads=1"), probe, maps]):
+        guided = kv(prompt=PROMPT, **kv_kwargs(steps=2)).images
+    plain = kv(prompt=PROMPT, **kv_kwargs(steps=2)).images
+    assert (guided - plain).abs().max() > 1e-4
+    records = [r for r in probe.calls if r["layout"].has("perturb")]
+    assert len(records) == 2 and maps.maps["circle"].shape == (1, 8, 8)
+    for record in records:
+        out, layout = record["out"], record["layout"]
+        cond, perturbed = out[layout.rows("cond")], out[layout.rows("perturb")]
+        torch.testing.assert_close(perturbed[:, [0, 2, 3]], cond[:, [0, 2, 3]], atol=0, rtol=0)
+        assert (perturbed[:, 1] - cond[:, 1]).abs().max() > 1e-4
+
+
+def test_kv_pipeline_with_references_under_a_control_is_refused_naming_it(kv):
+    """With reference images the first step attends twice and later steps attend to cached reference keys: refused
+    at the first denoiser call, before it runs, naming the pipeline; the advice it gives (Flux2KleinPipeline on the
+    same components) runs the control with the references."""
+    from diffusers import Flux2KleinPipeline
+
+    from recording import Recorder
+
+    with Recorder(kv) as recorder, apply(kv, Perturb(scale=1.0, layers=[SINGLE])):
+        with pytest.raises(ModelError, match=r"^Flux2KleinKVPipeline with reference images \(image=...\) cannot "
+                                             r"run under attnctl's controls: .*kv_cache_mode='extract'"):
+            kv(prompt=PROMPT, image=[reference_image()], **kv_kwargs())
+    assert recorder.calls == []  # the denoiser never ran
+    plain = Flux2KleinPipeline(**kv.components)
+    plain.set_progress_bar_config(disable=True)
+    with apply(plain, Perturb(scale=1.0, layers=[SINGLE])):
+        guided = plain(prompt=PROMPT, image=[reference_image()], **kv_kwargs(steps=2)).images
+    assert (guided - plain(prompt=PROMPT, image=[reference_image()], **kv_kwargs(steps=2)).images).abs().max() > 1e-4

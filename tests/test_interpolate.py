@@ -179,7 +179,10 @@ def _processors(pipe):
     return {name: module.processor for name, module in denoiser.named_modules() if hasattr(module, "processor")}
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+# tiny:flux2-dev's prompts move its output 5x less than tiny:flux2's (0.004 between A's and B's images: no CFG to
+# amplify the text, only a guidance embedding), below this test's absolute thresholds; its interpolation is checked
+# relative to that gap in test_family_flux2.py.
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "flux2-dev"])
 def test_endpoints_are_the_plain_generations_and_frames_are_coupled(family):
     pipe = tiny_pipeline(family)
     before = _processors(pipe)

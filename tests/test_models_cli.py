@@ -46,6 +46,23 @@ def test_cli_help_and_layers(capsys):
     assert all(r["queries"] and r["grid"] for r in rows)
 
 
+def test_tiny_flux2_dev_layers_and_folder_round_trip(tmp_path, capsys):
+    """``tiny:flux2-dev`` (Flux2Pipeline, a Mistral3 text encoder): ``attnctl layers`` lists its FLUX.2 sites with
+    the 64-token text span it asks tiny models for, and the pipeline saves and loads back as a flux2 folder."""
+    assert main(["layers", "tiny:flux2-dev", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["layer"], r["kind"], r["grid"]) for r in rows] == [
+        ("transformer_blocks.0.attn", "joint", [8, 8]), ("single_transformer_blocks.0.attn", "single", [8, 8]),
+        ("single_transformer_blocks.1.attn", "single", [8, 8])]
+    assert all(r["text"] == 64 for r in rows)
+    pipe = attnctl.load("tiny:flux2-dev")
+    pipe.save_pretrained(tmp_path / "dev")
+    again = attnctl.load(str(tmp_path / "dev"))
+    assert type(again).__name__ == "Flux2Pipeline" and attnctl.models.family_of(again) == "flux2"
+    assert attnctl.models.model_family(str(tmp_path / "dev")) == "flux2"
+    assert again.tokenizer.chat_template == pipe.tokenizer.chat_template
+
+
 def test_cli_errors_are_short(capsys):
     assert main(["layers", "tiny:nope"]) == 2
     err = capsys.readouterr().err

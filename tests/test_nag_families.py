@@ -185,6 +185,7 @@ def test_attention_call_matches_explicit_float64(family, reference, path):
 @pytest.mark.parametrize("family,name,keys", [
     ("chroma", "transformer_blocks.0.attn", ("hidden_states", "encoder_hidden_states", "attention_mask")),
     ("flux2", "transformer_blocks.0.attn", ("hidden_states", "encoder_hidden_states")),
+    ("flux2-dev", "transformer_blocks.0.attn", ("hidden_states", "encoder_hidden_states")),  # Mistral's template
     ("qwenimage", "transformer_blocks.0.attn", ("hidden_states", "encoder_hidden_states")),
 ])
 def test_negative_stream_starts_as_a_call_of_the_negative_prompt(family, name, keys):
@@ -225,7 +226,7 @@ def test_zimage_negative_caption_keeps_its_relative_positions():
 
 
 # -- per-prompt negatives, CFG ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["chroma", "flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["chroma", "flux2", "flux2-dev", "qwenimage", "zimage"])
 def test_per_prompt_negatives_guide_each_prompt_with_its_own(family):
     """Two prompts, two negatives of different lengths (Qwen-Image and Z-Image carry them at their own lengths,
     the shorter one's padding masked; the longer one is longer than the prompts, and on Z-Image pads to 64 tokens

@@ -39,7 +39,8 @@ def _folder(tmp_path, denoiser: tuple[str, str], **components):
 
 
 @pytest.mark.parametrize("model, family", [
-    ("tiny:sd15", "sd15"), ("tiny:flux2", "flux2"), ("tiny:chroma", "chroma"), ("tiny:qwenimage", "qwenimage"),
+    ("tiny:sd15", "sd15"), ("tiny:flux2", "flux2"), ("tiny:flux2-dev", "flux2"), ("tiny:chroma", "chroma"),
+    ("tiny:qwenimage", "qwenimage"),
     ("shapes", "sd15"), ("shapes-dit", "sd3"), ("tiny:nope", None), ("black-forest-labs/FLUX.2-klein", None),
 ])
 def test_model_family_from_the_model_string(model, family):

@@ -239,6 +239,12 @@ class Adapter:
     def text_segments(self, pipe) -> list[TextSegment]:
         raise NotImplementedError
 
+    def unsupported_call(self, pipe, params: dict) -> str | None:
+        """Why a denoiser call of ``pipe`` with ``params`` cannot run under any control (the engine raises it as a
+        ``ModelError`` at that call, before the denoiser runs, when a control is applied), or None: it can. Calls
+        with no control applied always run as the pipeline makes them."""
+        return None
+
     # -- a second text (a negative prompt) inside attention (the ``nag`` control) -------------------------------
     # ``False``: every text-reading layer reads the same text embeddings (UNet cross-attention), so a second
     # text's keys/values are one projection per layer (``project_text``). ``True``: the text tokens are a stream

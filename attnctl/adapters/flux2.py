@@ -11,8 +11,13 @@ controls that act on the image span. A perturbation in ``mode="full"`` replaces 
 in ``mode="image"`` every non-text token (generated and reference) attends only to itself and the text.
 
 Each module keeps its own processor and attention backend; a control sees its ``dispatch_attention_fn`` call.
-The KV-cache processors of ``Flux2KleinKVPipeline`` attend twice (extract) or to more keys than queries
-(cached): attnctl cannot place their tokens and says so at the first controlled call.
+``Flux2KleinKVPipeline`` installs KV-cache processors that, without reference images, make the standard
+attention call (every control works); with reference images they attend twice (extract, first step) or to cached
+reference keys the call does not carry (cached, later steps): ``unsupported_call`` refuses such a call under
+controls, naming the pipeline, before its denoiser runs.
+
+Words: the prompt's tokens sit inside each pipeline's chat template ([klein]: Qwen3's user turn; [dev]: Mistral's
+system message and user turn); ``text_segments`` finds where by tokenizing the rendered template.
 
 A second text stream (the ``nag`` control's negative prompt) is encoded by the pipeline's own ``encode_prompt``
 at the call's text length and runs beside the prompt's: as ``encoder_hidden_states`` of the double-stream
@@ -111,6 +116,23 @@ class Flux2Adapter(FluxAdapter):
             own = ids[ids[:, 0] == t]
             grids.append((int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1))
         return grids
+
+    def unsupported_call(self, pipe, params):
+        """``Flux2KleinKVPipeline`` with reference images: its first step (``kv_cache_mode="extract"``) packs the
+        references *before* the generated image and its KV processors attend twice (text and image queries to
+        every key, then the references to themselves); later steps (``"cached"``) attend the text and image
+        queries to reference keys and values cached from the first step, which the call's tokens do not carry.
+        Neither is a call whose tokens attnctl can place, nor are the latents a control would update the
+        generated image's alone. Without reference images it runs the standard attention: controls work."""
+        mode = params.get("kv_cache_mode")
+        if mode is None:
+            return None
+        return (f"{type(pipe).__name__} with reference images (image=...) cannot run under attnctl's controls: "
+                f"its KV-cache attention (transformer call with kv_cache_mode={mode!r}) attends the references in a "
+                "second attention call at the first step and to reference keys cached from it at later steps, "
+                "tokens attnctl cannot place. Run this pipeline without reference images (text-to-image: every "
+                "control works), or pass the references to Flux2KleinPipeline built from the same components "
+                "(Flux2KleinPipeline(**pipe.components)), which recomputes them at every step")
 
     def encode_text(self, pipe, prompts, text_len, device, dtype):
         # the pipeline's own chat template and text encoder layers, padded to the call's length like its prompt
@@ -224,20 +246,88 @@ class Flux2Adapter(FluxAdapter):
         return {"negative_prompt_embeds": embeds}
 
     def text_segments(self, pipe):
-        """The prompt's tokens start after the chat turn's prefix the pipeline renders around it."""
-        tokenizer = pipe.tokenizer
-        if not hasattr(tokenizer, "apply_chat_template") or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        """The prompt's tokens start after the chat turns the pipeline renders around it: [klein]'s Qwen3 user turn
+        (``<|im_start|>user\n``), [dev]'s Mistral system message and user turn (``<s>[SYSTEM_PROMPT]...
+        [/SYSTEM_PROMPT][INST]``). The template is rendered with a marker for the prompt and the text before the
+        marker tokenized as the pipeline tokenizes the whole (checked on a probe prompt), so the offset is whatever
+        the tokenizer's template and system message make it."""
+        source = pipe.tokenizer  # [klein]: the Qwen tokenizer; [dev]: a PixtralProcessor (or its tokenizer)
+        tokenizer = getattr(source, "tokenizer", source)  # a processor's text tokenizer
+        if not hasattr(source, "apply_chat_template") or not hasattr(tokenizer, "convert_ids_to_tokens") \
+                or getattr(source, "chat_template", None) is None:
             raise ModelError(
-                f"{type(pipe).__name__}: attnctl finds prompt words only through a tokenizer with a chat template "
-                f"(FLUX.2 [klein]'s Qwen tokenizer); this pipeline's {type(tokenizer).__name__} (FLUX.2 [dev]'s "
-                "Mistral processor) is not supported for word-level controls (excite, regions, maps, edit); "
-                "perturb and interpolate do not need word positions"
+                f"{type(pipe).__name__}: attnctl finds prompt words only through a tokenizer or processor with a "
+                f"chat template (FLUX.2 [klein]'s Qwen tokenizer, FLUX.2 [dev]'s Mistral processor); this "
+                f"pipeline's {type(source).__name__} has none, so word-level controls (excite, regions, maps, "
+                "edit) are not supported; perturb and interpolate do not need word positions"
             )
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROMPT_MARK}], tokenize=False,
-                                                 add_generation_prompt=True, enable_thinking=False)
-        prefix = rendered.split(_PROMPT_MARK)[0]
-        offset = len(tokenizer(prefix).input_ids)
-        return [TextSegment(tokenizer, offset, None)]
+        if getattr(tokenizer, "padding_side", "right") == "left":
+            raise ModelError(
+                f"{type(pipe).__name__}: its {type(tokenizer).__name__} pads on the left, so where the prompt's "
+                "tokens start depends on each prompt's length; attnctl places words (excite, regions, maps, edit) "
+                "only with right padding (pipe.tokenizer" + (".tokenizer" if tokenizer is not source else "") +
+                ".padding_side = 'right', which also changes the padding the text encoder sees)"
+            )
+        offset = self._prompt_start(pipe, source, tokenizer, _PROMPT_MARK)
+        # Check on a probe prompt: its own tokens sit at ``offset`` in the whole template's tokens.
+        probe = "a photo of a cat"
+        whole = self._template_ids(pipe, source, tokenizer, probe)
+        own = list(tokenizer(probe, add_special_tokens=False).input_ids)
+        if whole[offset : offset + len(own)] != own:
+            raise ModelError(
+                f"{type(pipe).__name__}: cannot place the prompt's tokens in its chat template (the tokens before "
+                f"the prompt are {offset}, but the template's tokens of the probe prompt {probe!r} there are "
+                f"{tokenizer.convert_ids_to_tokens(whole[offset : offset + len(own)])}, not "
+                f"{tokenizer.convert_ids_to_tokens(own)}); word-level controls are not supported on this tokenizer"
+            )
+        # ``attnctl.tokens.find_phrase`` counts positions in the prompt tokenized with its special tokens (a begin
+        # token first for Mistral's tokenizer): the segment starts that many tokens earlier.
+        return [TextSegment(tokenizer, offset - _leading_specials(tokenizer), None)]
+
+    @staticmethod
+    def _render(pipe, source, prompt: str) -> tuple[str, bool]:
+        """The text the pipeline's chat template makes of ``prompt``, and whether the pipeline's tokenization of it
+        adds the tokenizer's special tokens."""
+        system = getattr(pipe, "system_message", None)
+        if system is None:  # [klein]: one user turn, then the assistant's empty thinking; tokenizer(text)
+            return source.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False), True
+        # [dev]: the system message, then the user turn, as the pipeline formats them; a tokenizer's
+        # apply_chat_template never adds special tokens, a processor's does unless the text starts with its begin
+        # token (transformers' ProcessorMixin.apply_chat_template)
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        text = source.apply_chat_template(format_input([prompt], system_message=system)[0], tokenize=False,
+                                          add_generation_prompt=False)
+        tokenizer = getattr(source, "tokenizer", None)
+        if tokenizer is None:
+            return text, False
+        bos = getattr(tokenizer, "bos_token", None)
+        return text, not (bos is not None and text.startswith(bos))
+
+    def _template_ids(self, pipe, source, tokenizer, prompt: str) -> list[int]:
+        text, special = self._render(pipe, source, prompt)
+        return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+    def _prompt_start(self, pipe, source, tokenizer, mark: str) -> int:
+        """How many tokens precede the prompt in the pipeline's tokenization of its chat template."""
+        text, special = self._render(pipe, source, mark)
+        if text.count(mark) != 1:
+            raise ModelError(f"{type(pipe).__name__}: its chat template does not write the prompt once; attnctl "
+                             "cannot place the prompt's words for excite, regions, maps or edit")
+        prefix = text.split(mark)[0]
+        return (_leading_specials(tokenizer) if special else 0) + len(tokenizer(prefix, add_special_tokens=False)
+                                                                      .input_ids)
+
+
+def _leading_specials(tokenizer) -> int:
+    """How many special tokens the tokenizer puts in front of a text (Mistral's: the begin token; Qwen's: none)."""
+    plain = list(tokenizer("a", add_special_tokens=False).input_ids)
+    full = list(tokenizer("a").input_ids)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return start
+    return 0
 
 
 __all__ = ["Flux2Adapter"]

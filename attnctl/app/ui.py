@@ -23,8 +23,8 @@ from .pipelines import PipelineCache
 
 log = logging.getLogger(__name__)
 
-MODELS = ("shapes", "shapes-dit", "tiny:sd15", "tiny:sdxl", "tiny:sd3", "tiny:flux", "tiny:flux2", "tiny:chroma", "tiny:qwenimage",
-          "tiny:zimage")
+MODELS = ("shapes", "shapes-dit", "tiny:sd15", "tiny:sdxl", "tiny:sd3", "tiny:flux", "tiny:flux2", "tiny:flux2-dev",
+          "tiny:chroma", "tiny:qwenimage", "tiny:zimage")
 TAB_NOTES = {
     "Regions": "The `regions` control is not installed in this version of attnctl.",
     "Interpolate": "The `interpolate` control is not installed in this version of attnctl.",

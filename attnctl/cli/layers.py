@@ -8,7 +8,7 @@ HELP = "list the attention layers of a model (kind, heads, head_dim, query/key t
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="model string: tiny:sd15|tiny:sdxl|tiny:sd3|tiny:flux|tiny:flux2|tiny:chroma|tiny:qwenimage|tiny:zimage, shapes, a folder or hub id")
+    parser.add_argument("model", help="model string: tiny:sd15|tiny:sdxl|tiny:sd3|tiny:flux|tiny:flux2|tiny:flux2-dev|tiny:chroma|tiny:qwenimage|tiny:zimage, shapes, a folder or hub id")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels for token counts")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels for token counts")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

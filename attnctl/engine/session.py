@@ -27,7 +27,7 @@ import torch
 from ..adapters import adapter_for
 from ..adapters.base import Site
 from ..controls.base import Control
-from ..errors import ControlError, ProcessorError
+from ..errors import ControlError, ModelError, ProcessorError
 from ..intercept import patch_dispatch, wrap_forward
 from ..layouts import GUIDED_KINDS, BatchLayout, DenoiserCall
 from ..tokens import find_phrase
@@ -413,6 +413,9 @@ class Session:
         if isinstance(extra, dict):
             params.update(extra)
         adapter = self.adapter
+        why = adapter.unsupported_call(self.pipe, params) if self.controls else None
+        if why:  # e.g. FLUX.2 [klein] KV's cached reference keys: refused before the denoiser runs
+            raise ModelError(why)
         params = adapter.to_batch(params)  # the engine's batch view (the adapter's ``to_batch``)
         x = params[adapter.latent_arg]
         n = x.shape[0]
