@@ -274,7 +274,10 @@ def test_cfg_unconditional_rows_are_untouched(family):
     plain = predictions([])
     guided = predictions([nag(negative_prompt=NEGATIVE)])
     assert plain.shape[0] == guided.shape[0] == 2
-    assert torch.equal(guided[1], plain[1])
+    # within 1e-5, not bit for bit: once another test in the same process has run attention through diffusers'
+    # native math backend, torch's CPU SDPA path for later calls can differ by ~3e-6 (nothing of attnctl's stays
+    # installed; measured on the SD3/Qwen-Image/Z-Image scale-0 checks); the guided row moves by > 1e-4
+    torch.testing.assert_close(guided[1], plain[1], rtol=0, atol=1e-5)
     assert (guided[0] - plain[0]).abs().max() > 1e-4
 
 
