@@ -43,3 +43,15 @@ class Recorder:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def assert_only_head_perturbed(record: dict, head: int) -> None:
+    """One attention call recorded by a probe (``out`` (B, heads, ...), ``layout``): the perturbed rows equal the
+    cond rows exactly at every head but ``head``, and differ from them at ``head``."""
+    import torch
+
+    out, layout = record["out"], record["layout"]
+    cond, perturbed = out[layout.rows("cond")], out[layout.rows("perturb")]
+    others = [h for h in range(out.shape[1]) if h != head]
+    torch.testing.assert_close(perturbed[:, others], cond[:, others], atol=0, rtol=0)
+    assert (perturbed[:, head] - cond[:, head]).abs().max() > 1e-4

@@ -3,6 +3,7 @@ input. Real components: diffusers' ``ChromaPipeline`` with tiny random weights."
 
 import pytest
 import torch
+from recording import assert_only_head_perturbed
 
 import attnctl
 from attnctl.controls.maps import Maps
@@ -67,10 +68,7 @@ def test_perturbing_a_head_changes_only_that_head(pipe, site):
     records = [r for r in probe.calls if r["layout"].has("perturb")]
     assert records and all(r["layout"].kind == "cond_batch" for r in records)  # never on the uncond call
     for record in records:
-        layout, out = record["layout"], record["out"]
-        cond, perturbed = out[layout.rows("cond")], out[layout.rows("perturb")]
-        torch.testing.assert_close(perturbed[:, [0, 1, 3]], cond[:, [0, 1, 3]], atol=0, rtol=0)
-        assert (perturbed[:, 2] - cond[:, 2]).abs().max() > 1e-4
+        assert_only_head_perturbed(record, 2)
 
 
 def test_pag_with_cfg_adds_exactly_scale_times_cond_minus_perturbed(pipe):
