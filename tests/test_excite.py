@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from attnctl.controls.excite import Excite, auto_grid, smooth_max, smoothing_kernel
+from attnctl.controls.excite import Excite, auto_grid, overlap, smooth_max, smoothing_kernel
 from attnctl.engine import apply
 from attnctl.errors import ControlError, TokenError
 from attnctl.testing import tiny_call_kwargs, tiny_pipeline
@@ -289,6 +289,39 @@ def test_measure_only_reads_what_the_loss_reads_and_leaves_the_images_bit_identi
     torch.testing.assert_close(measuring.history[0]["loss"], acting.history[0]["loss"], atol=1e-6, rtol=0)
 
 
+def test_overlap_is_the_segregation_formula():
+    one, other = torch.zeros(2, 3, 3, dtype=torch.float64)
+    one[0, 0], other[2, 2] = 1.0, 1.0
+    assert overlap(torch.stack([one, other])) == 0.0  # no shared cell
+    assert overlap(torch.stack([one, one])) == 0.5  # identical maps: half of their total mass is shared
+    assert overlap(one[None]) == 0.0  # one subject: nothing to separate
+    maps = torch.rand(3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = 0.0
+    for i in range(3):
+        for j in range(i + 1, 3):
+            shared = sum(min(float(a), float(b)) for a, b in zip(maps[i].flatten(), maps[j].flatten()))
+            expected += shared / float(maps[i].sum() + maps[j].sum())
+    assert abs(float(overlap(maps)) - expected) < 1e-12
+
+
+def test_separation_pushes_the_subjects_maps_apart():
+    """``separation``: the same first reading, then less overlap between the subjects' maps than A&E alone leaves;
+    0 (the default) is the paper's loss."""
+    pipe = tiny_pipeline("sd15")
+    prompt, kwargs = "a red circle and a blue square", functools.partial(tiny_call_kwargs, "sd15", steps=4)
+    readings = {}
+    for weight in (0.0, 20.0):
+        control = Excite(subjects=["circle", "square"], thresholds={}, separation=weight, scale_factor=5.0,
+                         resolution=16)
+        with apply(pipe, control) as session:
+            pipe(prompt, **kwargs())
+        readings[weight] = [float(record["overlap"][0]) for record in control.history]
+        image, = session.last_run()["controls"]["excite"]["images"]
+        assert image["overlap"] == round(readings[weight][-1], 4)
+    assert len(readings[0.0]) == 2 and readings[0.0][0] == readings[20.0][0] > 0
+    assert readings[20.0][1] < readings[0.0][1]
+
+
 def test_gradient_forwards_only_on_altered_steps():
     """4 steps, window of the first quarter: one gradient forward (plus refinement's), none after."""
     pipe = tiny_pipeline("sd15")
@@ -344,6 +377,7 @@ def test_subject_not_in_prompt_shows_the_tokens():
     (dict(subjects=["cat"], thresholds={0.0: 0.5, 0.2: 0.05}), "thresholds out of order"),
     (dict(subjects=["cat"], thresholds={1.5: 0.5}), r"fraction of the schedule"),
     (dict(subjects=["cat"], kernel_size=4), "odd"),
+    (dict(subjects=["cat"], separation=-1.0), "greater than or equal to 0"),
     (dict(subjects=["cat"], strength=2), "unknown key 'strength'"),
 ])
 def test_bad_options(options, message):

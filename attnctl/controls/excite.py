@@ -8,7 +8,10 @@ of the prompt gets little attention anywhere in the image:
     m_j    = max over the grid of GaussianSmooth(T[:, subject j])
     L      = max_j max(0, 1 - m_j);    z_t <- z_t - alpha_t * dL/dz_t,   alpha_t = 20 * sqrt(linspace(1, 0.5, T))[t]
 
-and at a few steps the update repeats (iterative refinement) until every m_j passes a threshold. Defaults are the
+and at a few steps the update repeats (iterative refinement) until every m_j passes a threshold. With
+``separation`` w > 0 the gradient follows L + w * sum_{i<j} sum_p min(S_i, S_j) / sum_p (S_i + S_j) over the
+smoothed subject maps S (A-STAR's attention segregation, Agarwal et al., ICCV 2023): subjects that hold their
+maxima in the same cells are pushed apart (the thresholds still read the m_j alone). Defaults are the
 paper's and its official code's (yuval-alaluf/Attend-and-Excite ``config.py``): the first half of the schedule is
 altered (25 of 50 steps), scale factor 20 over the range (1.0, 0.5), refinement at steps {0, 10, 20} of 50 with
 thresholds {0.05, 0.5, 0.8} and at most 20 iterations, smoothing kernel 3 with sigma 0.5, softmax scale 100,
@@ -87,6 +90,9 @@ class ExciteOptions(StrictOptions):
                             "side is n), or [h, w].")
     layers: list[str] | None = Field(None, description="Layer selectors for the loss (default: all with text).")
     early_stop: bool = Field(True, description="Stop the gradient forward after the last layer the loss reads.")
+    separation: float = Field(
+        0.0, ge=0.0, description="Weight of an overlap penalty between the subjects' smoothed maps, added to the loss "
+                                 "(A-STAR's attention segregation; 0: off, the paper's A&E).")
     measure_only: bool = Field(
         False, description="Read each subject's max attention at every step of the window, as the loss would, but "
                            "leave the latents alone (no update, no refinement): the images are those of the plain "
@@ -156,14 +162,31 @@ def smoothing_kernel(size: int, sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def smooth(maps: torch.Tensor, kernel: torch.Tensor | None) -> torch.Tensor:
+    """Each map (N, h, w) convolved with ``kernel`` (reflect padding; None: unchanged)."""
+    if kernel is None:
+        return maps
+    pad = kernel.shape[-1] // 2
+    mode = "reflect" if min(maps.shape[-2:]) > pad else "replicate"
+    x = F.pad(maps[:, None], (pad, pad, pad, pad), mode=mode)
+    return F.conv2d(x, kernel.to(maps)[None, None])[:, 0]
+
+
 def smooth_max(maps: torch.Tensor, kernel: torch.Tensor | None) -> torch.Tensor:
     """Max over the grid of each smoothed map: maps (N, h, w) -> (N,)."""
-    if kernel is not None:
-        pad = kernel.shape[-1] // 2
-        mode = "reflect" if min(maps.shape[-2:]) > pad else "replicate"
-        x = F.pad(maps[:, None], (pad, pad, pad, pad), mode=mode)
-        maps = F.conv2d(x, kernel.to(maps)[None, None])[:, 0]
-    return maps.flatten(1).max(dim=1).values
+    return smooth(maps, kernel).flatten(1).max(dim=1).values
+
+
+def overlap(maps: torch.Tensor) -> torch.Tensor:
+    """Sum over pairs i < j of sum_p min(A_i, A_j) / sum_p (A_i + A_j) for non-negative maps (N, h, w): 0 when
+    no cell holds two subjects, 0.5 per pair of identical maps (A-STAR's segregation loss, Agarwal et al., ICCV
+    2023, arXiv 2306.14544). A scalar; 0 for fewer than two maps."""
+    flat = maps.flatten(1)
+    total = flat.new_zeros(())
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            total = total + torch.minimum(flat[i], flat[j]).sum() / (flat[i] + flat[j]).sum().clamp_min(1e-12)
+    return total
 
 
 def _slice_bias(bias, heads, image: slice, text: slice):
@@ -280,12 +303,14 @@ class Excite(Control):
             return {}
         images = {}
         for record in self.history:
-            for sample, loss, maxima, iterations in zip(record["samples"], record["loss"], record["max_attention"],
-                                                         record["iterations"]):
+            for sample, loss, maxima, overlap_, iterations in zip(record["samples"], record["loss"],
+                                                                   record["max_attention"], record["overlap"],
+                                                                   record["iterations"]):
                 entry = images.setdefault(sample, {"subjects": record["subjects"][sample], "loss": [],
                                                    "refinement": {}, "refinement_iterations": 0})
                 entry["loss"].append(round(float(loss), 4))
                 entry["max_attention"] = {w: round(float(m), 4) for w, m in zip(entry["subjects"], maxima)}
+                entry["overlap"] = round(float(overlap_), 4)
                 if record["refined"]:
                     entry["refinement"][str(record["step"])] = int(iterations)
                     entry["refinement_iterations"] += int(iterations)
@@ -322,11 +347,13 @@ class Excite(Control):
             losses, maxima, _ = self._evaluate(update, z, rows, gradient=False)
             self.history.append({
                 "step": step.index, "alpha": 0.0, "samples": samples, "loss": losses, "max_attention": maxima,
+                "overlap": self._overlap,
                 "iterations": [0] * len(rows), "refined": False,
                 "subjects": {s: self._plan(s, update.frame.text_len)["subjects"] for s in samples},
             })
             return None
         losses, maxima, grad = self._evaluate(update, z, rows)
+        overlaps = self._overlap
         iterations = [0] * len(rows)
         threshold = self._threshold_at(step)
         if threshold is not None:
@@ -341,12 +368,13 @@ class Excite(Control):
                 sub_losses, sub_maxima, sub_grad = self._evaluate(update, z[active], active)
                 sub_maxima = F.pad(sub_maxima, (0, maxima.shape[1] - sub_maxima.shape[1]))  # fewer subjects
                 losses[active], maxima[active], grad[active] = sub_losses, sub_maxima, sub_grad
+                overlaps[active] = self._overlap
                 active = [r for r, b in zip(active, before) if b > target and iterations[r] < opts.max_refinement_steps]
         z = z - alpha * grad
         plans = {s: self._plan(s, update.frame.text_len) for s in samples}
         self.history.append({
             "step": step.index, "alpha": alpha, "samples": samples, "loss": losses.clone(),
-            "max_attention": maxima.clone(), "iterations": iterations, "refined": threshold is not None,
+            "max_attention": maxima.clone(), "overlap": overlaps.clone(), "iterations": iterations, "refined": threshold is not None,
             "subjects": {s: plans[s]["subjects"] for s in samples},
         })
         return z - update.z
@@ -378,21 +406,26 @@ class Excite(Control):
         mean = collector.sums[grid] / collector.heads[grid]  # (R, Sq, C)
         where = {c: i for i, c in enumerate(columns)}
         kernel = smoothing_kernel(self.options.kernel_size, self.options.sigma) if self.options.smooth else None
-        losses, maxima = [], []
+        losses, maxima, overlaps = [], [], []
         for i, plan in enumerate(plans):
             cols = torch.tensor([where[c] for c in plan["columns"]], device=mean.device)
             tokens = torch.softmax(self.options.softmax_scale * mean[i].index_select(-1, cols), dim=-1)
             maps = torch.stack([tokens[:, plan["index"][w]].sum(dim=-1).reshape(grid) for w in plan["subjects"]])
-            peak = smooth_max(maps, kernel)
+            smoothed = smooth(maps, kernel)
+            peak = smoothed.flatten(1).max(dim=1).values
             losses.append(torch.clamp(1.0 - peak, min=0.0).max())
+            overlaps.append(overlap(smoothed))
             maxima.append(peak.detach())
             for w, m in zip(plan["subjects"], maps.detach()):
                 self._store_map(w, samples[i], m)
         losses = torch.stack(losses)
+        self._overlap = torch.stack(overlaps).detach()
+        # The thresholds read the attention term alone; the gradient follows the whole loss.
+        total = losses + self.options.separation * torch.stack(overlaps) if self.options.separation else losses
         if not gradient:
             grad = None
-        elif bool((losses > 0).any()):
-            (grad,) = torch.autograd.grad(losses.sum(), z)
+        elif bool((total > 0).any()):
+            (grad,) = torch.autograd.grad(total.sum(), z)
         else:
             grad = torch.zeros_like(z)
         width = max(len(m) for m in maxima)
