@@ -164,7 +164,8 @@ def test_crowded_report_has_the_weakest_subjects_attention_before_and_after_a_an
     for row in saved["rows"]:
         for run in ("baseline", "controlled"):
             excite = row[run]["excite"]
-            assert set(excite) == {"max_attention", "weakest", "weakest_max", "refinement_iterations"}
+            assert set(excite) == {"max_attention", "weakest", "weakest_max", "overlap", "refinement_iterations"}
+            assert 0.0 <= excite["overlap"] <= 0.5 * 3  # at most 0.5 for each of the three pairs
             assert list(excite["max_attention"]) == subjects_of(row["prompt"])
             assert excite["weakest_max"] == min(excite["max_attention"].values())
             assert excite["max_attention"][excite["weakest"]] == excite["weakest_max"]
@@ -173,7 +174,9 @@ def test_crowded_report_has_the_weakest_subjects_attention_before_and_after_a_an
         # A&E acts on every row: its weakest subject ends the window with more attention than the baseline's.
         assert row["controlled"]["excite"]["weakest_max"] > row["baseline"]["excite"]["weakest_max"]
     block = saved["excite_attention"]
-    assert set(block) == {"all", "neglected", "still_neglected"}
+    assert set(block) == {"all", "neglected", "still_neglected", "overlap"}
+    assert block["overlap"]["baseline"] == pytest.approx(np.mean([r["baseline"]["excite"]["overlap"]
+                                                                  for r in saved["rows"]]))
     every = block["all"]
     assert every["n"] == 4 and every["controlled"] > every["baseline"] and every["delta_ci95"][0] > 0
     base = [r["baseline"]["excite"]["weakest_max"] for r in saved["rows"]]

@@ -10,14 +10,15 @@ With an ``excite`` control the report also says what A&E did to the attention it
 changes no image shows why. A&E's reading of subject j is m_j, the max over the grid of j's smoothed attention
 (``attnctl.controls.excite``); the weakest subject is the one with the smallest m_j, and 1 - min_j m_j is A&E's
 loss. Each row's ``baseline`` and ``controlled`` get ``excite``: ``{"max_attention": {subject: m_j},
-"weakest": subject, "weakest_max": min_j m_j, "refinement_iterations": n}`` (0 in the baseline), read at the last
+"weakest": subject, "weakest_max": min_j m_j, "overlap": o, "refinement_iterations": n}`` (0 in the baseline), read at the last
 step of the excitation window (the last step A&E reads; before its first update both runs have the same latents, so
 the same readings). The controlled run's are A&E's own run metadata; the baseline's come from the same control in
 ``measure_only`` mode (the same forward and readings, no latent change: the baseline images are those without it),
 run with the baseline's own batches. The report gets ``excite_attention``: for ``all`` rows, the rows
 ``neglected`` in the baseline (some shape missing; plus ``fixed``: how many of them miss none with A&E) and those
 ``still_neglected`` with A&E, each ``{"n", "baseline", "controlled", "delta", "delta_ci95"}`` (means of
-``weakest_max``; paired bootstrap 95% interval of the change, None without rows).
+``weakest_max``; paired bootstrap 95% interval of the change, None without rows), and ``overlap``: the same for
+the subjects' map overlap (``attnctl.controls.excite.overlap``, what A&E's ``separation`` lowers) on all rows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .base import Suite, paired_bootstrap, seeded_cases
 
 # ``excite`` options that only shape its latent update, not what it reads: the baseline's measurement leaves them
 # out, so a sweep over them shares one baseline.
-_UPDATE_ONLY = ("scale_factor", "scale_range", "thresholds", "max_refinement_steps")
+_UPDATE_ONLY = ("scale_factor", "scale_range", "thresholds", "max_refinement_steps", "separation")
 
 
 @dataclass
@@ -131,6 +132,7 @@ class PresenceSuite(Suite):
             "all": _paired_means(measured),
             "neglected": {**_paired_means(neglected), "fixed": len(neglected) - len(still)},
             "still_neglected": _paired_means(still),
+            "overlap": _paired_means(measured, "overlap"),
         }}
 
     def summary_lines(self, report):
@@ -151,7 +153,8 @@ class PresenceSuite(Suite):
                 line("all", block["all"]),
                 line("neglected in the baseline", neglected) + f"; {neglected['fixed']} of {neglected['n']} "
                 "fixed (no shape missing with A&E)",
-                line("still neglected with A&E", block["still_neglected"])]
+                line("still neglected with A&E", block["still_neglected"]),
+                line("subjects' map overlap, all", block["overlap"])]
 
 
 def weakest_subject(entry: dict) -> dict:
@@ -159,13 +162,14 @@ def weakest_subject(entry: dict) -> dict:
     maxima = dict(entry["max_attention"])
     weakest = min(maxima, key=maxima.get)
     return {"max_attention": maxima, "weakest": weakest, "weakest_max": maxima[weakest],
+            "overlap": float(entry.get("overlap", 0.0)),
             "refinement_iterations": int(entry.get("refinement_iterations", 0))}
 
 
-def _paired_means(rows: list[dict]) -> dict:
-    """Means of the rows' baseline and controlled ``weakest_max``, their difference and its paired 95% interval."""
-    base = [r["baseline"]["excite"]["weakest_max"] for r in rows]
-    ctrl = [r["controlled"]["excite"]["weakest_max"] for r in rows]
+def _paired_means(rows: list[dict], key: str = "weakest_max") -> dict:
+    """Means of the rows' baseline and controlled ``key`` reading, their difference and its paired 95% interval."""
+    base = [r["baseline"]["excite"][key] for r in rows]
+    ctrl = [r["controlled"]["excite"][key] for r in rows]
     if not rows:
         return {"n": 0, "baseline": None, "controlled": None, "delta": None, "delta_ci95": None}
     b, c = float(np.mean(base)), float(np.mean(ctrl))
